@@ -1,0 +1,5 @@
+import sys
+
+from patchsae.cli import main
+
+sys.exit(main())

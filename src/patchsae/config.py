@@ -1,0 +1,155 @@
+"""Typed, frozen configs loadable from YAML with ``key=value`` overrides.
+
+Every stage describes its options as a frozen dataclass. ``load_config(Cls, path, overrides)``
+reads an optional YAML file, applies dotted ``key=value`` overrides (``sae.l1_coefficient=1e-4``)
+and converts every value to the annotated type, so a typo or a wrong type fails before any work
+starts, with a message naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type."""
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: cannot read {value!r} as {tp}: " + "; ".join(errors))
+    if origin is typing.Literal:
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else text.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item_type = args[0] if args else Any
+        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: {value!r} is not a boolean (use true or false)")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if tp is int:
+                if float(number) != int(float(number)):
+                    raise ValueError
+                return int(float(number))
+            return float(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a {tp.__name__}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a plain dict, converting and validating every field."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; "
+            f"valid keys: {[prefix + k for k in fields]}"
+        )
+    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    missing = [
+        prefix + n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required config key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {cls.__name__}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> T:
+    """Read ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        data = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), value)
+    return from_dict(cls, data)
