@@ -48,6 +48,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if value == choice or str(value) == str(choice):
                 return choice
         raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (tuple, list):
         if isinstance(value, str):
             text = value.strip()
