@@ -31,9 +31,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -88,7 +88,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return int(float(number))
             return float(number)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: {value!r} is not a {tp.__name__}") from None
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{key}: {value!r} is not {kind}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: models by name, the PatchSAE recipe, checkpoints."""

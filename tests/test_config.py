@@ -1,0 +1,72 @@
+"""Typed YAML configs with key=value overrides."""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytest
+
+from patchsae.config import ConfigError, from_dict, load_config, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 4e-4
+    arch: Literal["relu", "topk"] = "relu"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    steps: int = 10
+    ghost: bool = True
+    layers: tuple[int, ...] = (-2,)
+    limit: int | None = None
+    inner: Inner = field(default_factory=Inner)
+    sweep: tuple[dict[str, Any], ...] = ()
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\nsteps: 5\ninner:\n  lr: 1.0e-3\n")
+    cfg = load_config(Outer, path, ["inner.arch=topk", "steps=7", "layers=[3, -1]", "ghost=false"])
+    assert cfg == Outer(
+        name="run", steps=7, ghost=False, layers=(3, -1), inner=Inner(lr=1e-3, arch="topk")
+    )
+
+
+def test_values_are_converted_to_annotated_types():
+    cfg = load_config(Outer, None, ["name=x", "inner.lr=8e-5", "limit=100", "steps=1e3"])
+    assert cfg.inner.lr == pytest.approx(8e-5) and isinstance(cfg.inner.lr, float)
+    assert cfg.limit == 100 and cfg.steps == 1000
+    assert load_config(Outer, None, ["name=x", "limit=none"]).limit is None
+
+
+def test_sweep_mappings():
+    cfg = load_config(Outer, None, ["name=x", "sweep=[{lr: 1}, {arch: topk}]"])
+    assert cfg.sweep == ({"lr": 1}, {"arch": "topk"})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["name=x", "stepz=3"], "unknown config key"),
+        (["name=x", "inner.arch=gated"], "not one of"),
+        (["name=x", "steps=2.5"], "is not an integer"),
+        (["name=x", "ghost=maybe"], "not a boolean"),
+        (["steps=3"], "missing required"),
+        (["name"], "key=value"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_round_trip_through_dict():
+    cfg = Outer(name="a", layers=(1, 2), inner=Inner(arch="topk"))
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
