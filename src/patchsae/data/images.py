@@ -1,0 +1,507 @@
+"""Image sources (ImageFolder, Hugging Face ``datasets``), safe RGB decoding, batched loading.
+
+An :class:`ImageSource` is an unshuffled, indexable list of images; the index of an image in it is
+its *example id*, which every later stage (activation store, statistics, atlas) refers to. Bad
+images never stop a run: :func:`load_rgb` raises :class:`BadImage` with a reason, and
+:func:`image_batches` drops such images from their batch and lists them in ``ImageBatch.bad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 89_478_485
+IMAGE_EXTENSIONS = (
+    ".bmp",
+    ".gif",
+    ".jpeg",
+    ".jpg",
+    ".pbm",
+    ".pgm",
+    ".png",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
+NAMES_FILE = "classes.txt"
+FINGERPRINT_VERSION = 1
+
+
+class BadImage(ValueError):
+    """An image cannot be used: corrupt, truncated, not an image, too large or of bad mode."""
+
+
+class DataError(ValueError):
+    """A data source is missing or malformed (wrong path, split, column or class-names file)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from.
+
+    ``source`` is an ImageFolder directory, a folder written by ``datasets``' ``save_to_disk``, or a
+    name or path for ``datasets.load_dataset``. ``kind="auto"`` picks ``hf`` for ``save_to_disk``
+    folders and for anything that is not a local directory, ``imagefolder`` for other directories.
+    ``max_pixels`` (width * height) refuses larger images before they are decoded.
+    """
+
+    source: str
+    kind: Literal["auto", "imagefolder", "hf"] = "auto"
+    split: str = "train"
+    hf_config: str | None = None
+    image_column: str = "image"
+    label_column: str | None = "label"
+    class_names_file: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise DataError("data source is empty; set source to an image folder or a dataset")
+        if self.max_pixels < 1:
+            raise DataError(f"max_pixels must be positive, got {self.max_pixels}")
+
+
+@dataclass
+class BadRecord:
+    """One image that could not be used: its example id, where it lives and why it failed."""
+
+    example_id: int
+    where: str
+    reason: str
+
+
+@dataclass
+class ImageBatch:
+    """A batch of consecutive requested examples, bad images removed.
+
+    ``example_ids`` and ``labels`` are (b,), ``pixel_values`` is (b, 3, H, W); ``b`` may be smaller
+    than the batch size (even 0) when images in this slice were bad, which are listed in ``bad``.
+    """
+
+    example_ids: np.ndarray
+    labels: np.ndarray
+    pixel_values: torch.Tensor
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    """Scale a 16-bit gray image (modes ``I;16*`` and ``I``, range 0..65535) to 8-bit RGB."""
+    values = np.asarray(img).astype(np.int64)
+    values = np.clip(values, 0, 65535)
+    gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any PIL mode to RGB (transparency composited onto white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return _sixteen_bit_to_rgb(img)
+    if img.mode == "F":
+        raise BadImage("mode F (32-bit float) has no defined value range; store it as 8 or 16 bit")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def _check_size(img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise BadImage(
+            f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
+            "(raise max_pixels if the image is genuine)"
+        )
+
+
+def load_rgb(
+    image: str | os.PathLike | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode ``image`` (a path, encoded bytes or a PIL image) fully and return it as RGB.
+
+    The size is checked from the header before any pixel is decoded; PIL's own decompression-bomb
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``) also applies. Any failure raises :class:`BadImage`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(image, Image.Image):
+                _check_size(image, max_pixels)
+                image.load()
+                return _to_rgb(image)
+            stream = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+            with Image.open(stream) as img:
+                _check_size(img, max_pixels)
+                img.load()
+                return _to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(f"decompression bomb refused by PIL: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image file PIL can identify") from None
+    except Exception as err:
+        raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
+
+
+def _canonical_hash(description: dict[str, Any]) -> str:
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_names_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"class names file {path} does not exist; fix class_names_file")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class ImageSource:
+    """An unshuffled list of images; the example id of an image is its index here.
+
+    Attributes: ``fingerprint`` (sha256 hex of what the source holds), ``class_names`` (label id ->
+    name, empty when unknown), ``labels`` (N,) int64 with -1 for unlabelled examples.
+    """
+
+    fingerprint: str
+    class_names: list[str]
+    labels: np.ndarray
+    max_pixels: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, i: int) -> str:
+        """Where example ``i`` lives: a file path or ``name[split][i]``."""
+        raise NotImplementedError
+
+    def _raw(self, i: int) -> str | bytes | Image.Image:
+        """The undecoded example ``i`` as accepted by :func:`load_rgb`."""
+        raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image:
+        """Example ``i`` decoded to RGB; raises :class:`BadImage` with the reason."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"example id {i} out of range [0, {len(self)})")
+        return load_rgb(self._raw(i), self.max_pixels)
+
+
+class FolderSource(ImageSource):
+    """ImageFolder layout ``root[/split]/<class>/<file>``, or ``root[/split]/<file>`` unlabelled."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        root = Path(cfg.source)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist or is not a directory")
+        split_dir = root / cfg.split
+        resolved_split: str | None = cfg.split
+        if not split_dir.is_dir():
+            present = sorted(d.name for d in root.iterdir() if d.is_dir())
+            splits = [name for name in present if name.lower() in SPLIT_FOLDER_NAMES]
+            if splits:
+                raise DataError(
+                    f"{root} has split folders {splits} but no {cfg.split!r}; "
+                    "set split to one of them"
+                )
+            split_dir, resolved_split = root, None
+        self.root = split_dir
+        self.max_pixels = cfg.max_pixels
+        class_dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        top_files = _image_files(split_dir, recursive=False)
+        if class_dirs and top_files:
+            raise DataError(
+                f"{split_dir} holds both class folders and image files ({top_files[0]}); "
+                "put every image inside a class folder, or remove the folders for unlabelled data"
+            )
+        paths: list[str] = []
+        labels: list[int] = []
+        if class_dirs:
+            for label, name in enumerate(class_dirs):
+                files = _image_files(split_dir / name, recursive=True)
+                paths += [f"{name}/{f}" for f in files]
+                labels += [label] * len(files)
+        else:
+            paths = top_files
+            labels = [-1] * len(paths)
+        if not paths:
+            raise DataError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}"
+            )
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = self._class_names(cfg, root, split_dir, class_dirs)
+        sizes = [(split_dir / p).stat().st_size for p in paths]
+        self.fingerprint = _canonical_hash(
+            {
+                "version": FINGERPRINT_VERSION,
+                "kind": "imagefolder",
+                "split": resolved_split,
+                "files": [[p, s] for p, s in zip(paths, sizes, strict=True)],
+            }
+        )
+
+    @staticmethod
+    def _class_names(
+        cfg: DataConfig, root: Path, split_dir: Path, class_dirs: list[str]
+    ) -> list[str]:
+        if cfg.class_names_file is not None:
+            names_path: Path | None = Path(cfg.class_names_file)
+        else:
+            candidates = [split_dir / NAMES_FILE, root / NAMES_FILE]
+            names_path = next((p for p in candidates if p.is_file()), None)
+        if names_path is None or not class_dirs:
+            return list(class_dirs)
+        names = _read_names_file(names_path)
+        if len(names) != len(class_dirs):
+            raise DataError(
+                f"class names file {names_path} has {len(names)} names but {split_dir} has "
+                f"{len(class_dirs)} class folders; give one name per line, in sorted folder order"
+            )
+        return names
+
+    def describe(self, i: int) -> str:
+        return str(self.root / self.paths[i])
+
+    def _raw(self, i: int) -> str:
+        return str(self.root / self.paths[i])
+
+
+def _image_files(folder: Path, recursive: bool) -> list[str]:
+    """Image files under ``folder`` as sorted POSIX paths relative to it; hidden files skipped."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
+        rel = Path(dirpath).relative_to(folder)
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((rel / name).as_posix())
+    return sorted(found)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+class HFSource(ImageSource):
+    """A Hugging Face ``datasets`` split; images are decoded by :func:`load_rgb`."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        import datasets
+
+        path = Path(cfg.source)
+        local = path.is_dir()
+        try:
+            if local and _is_saved_dataset(path):
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if cfg.split not in loaded:
+                        raise DataError(
+                            f"{path} has splits {list(loaded)} but no {cfg.split!r}; "
+                            "set split to one of them"
+                        )
+                    loaded = loaded[cfg.split]
+                ds = loaded
+            else:
+                ds = datasets.load_dataset(cfg.source, cfg.hf_config, split=cfg.split)
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(
+                f"cannot open dataset {cfg.source!r} (config {cfg.hf_config!r}, split "
+                f"{cfg.split!r}): {type(err).__name__}: {err}"
+            ) from None
+        columns = list(ds.column_names)
+        if cfg.image_column not in columns:
+            raise DataError(
+                f"dataset {cfg.source!r} has no column {cfg.image_column!r}; "
+                f"set image_column to one of {columns}"
+            )
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.ds = ds
+        self.name = cfg.source
+        self.split = cfg.split
+        self.image_column = cfg.image_column
+        self.max_pixels = cfg.max_pixels
+        self.labels, self.class_names = self._labels(ds, cfg, columns)
+        if cfg.class_names_file is not None:
+            self.class_names = _read_names_file(Path(cfg.class_names_file))
+        self.fingerprint = _canonical_hash(
+            {
+                "version": FINGERPRINT_VERSION,
+                "kind": "hf",
+                "name": path.resolve().name if local else cfg.source,
+                "config": cfg.hf_config,
+                "split": cfg.split,
+                "image_column": cfg.image_column,
+                "label_column": cfg.label_column,
+                "dataset_fingerprint": ds._fingerprint,
+            }
+        )
+
+    @staticmethod
+    def _labels(ds: Any, cfg: DataConfig, columns: list[str]) -> tuple[np.ndarray, list[str]]:
+        import datasets
+
+        if cfg.label_column is None:
+            return np.full(len(ds), -1, dtype=np.int64), []
+        if cfg.label_column not in columns:
+            raise DataError(
+                f"dataset {cfg.source!r} has no column {cfg.label_column!r}; set label_column to "
+                f"one of {columns}, or label_column=null for unlabelled data"
+            )
+        values = ds.with_format("arrow")[cfg.label_column].to_numpy(zero_copy_only=False)
+        feature = ds.features[cfg.label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            return values.astype(np.int64), list(feature.names)
+        if values.dtype.kind in "iu":
+            return values.astype(np.int64), []
+        if values.dtype.kind in "OU":
+            names = sorted({str(v) for v in values})
+            index = {name: i for i, name in enumerate(names)}
+            return np.asarray([index[str(v)] for v in values], dtype=np.int64), names
+        raise DataError(
+            f"label column {cfg.label_column!r} has type {feature}; labels must be integers, "
+            "class labels or strings"
+        )
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{self.split}][{i}]"
+
+    def _raw(self, i: int) -> str | bytes | Image.Image:
+        value = self.ds[int(i)][self.image_column]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            if value.get("path"):
+                return value["path"]
+            raise BadImage("image entry has neither bytes nor a path")
+        if isinstance(value, (str, bytes, Image.Image)):
+            return value
+        raise BadImage(f"image column holds {type(value).__name__}, not an image, bytes or path")
+
+
+def open_images(cfg: DataConfig) -> ImageSource:
+    """Open the images described by ``cfg`` (see :class:`DataConfig` for how ``kind`` is chosen)."""
+    kind = cfg.kind
+    if kind == "auto":
+        path = Path(cfg.source)
+        kind = "imagefolder" if path.is_dir() and not _is_saved_dataset(path) else "hf"
+    return FolderSource(cfg) if kind == "imagefolder" else HFSource(cfg)
+
+
+def shuffled_order(n: int, seed: int | None) -> np.ndarray:
+    """Example ids 0..n-1 in a seeded random order (identity when ``seed`` is None), int64 (n,)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if seed is None:
+        return np.arange(n, dtype=np.int64)
+    return np.random.Generator(np.random.PCG64(seed)).permutation(n).astype(np.int64)
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Item j = (example id, label, RGB image or BadRecord) for ``example_ids[j]``."""
+
+    def __init__(self, source: ImageSource, example_ids: np.ndarray) -> None:
+        self.source = source
+        self.example_ids = example_ids
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def __getitem__(self, j: int) -> tuple[int, int, Image.Image | BadRecord]:
+        i = int(self.example_ids[j])
+        try:
+            image: Image.Image | BadRecord = self.source.load(i)
+        except BadImage as err:
+            image = BadRecord(example_id=i, where=self.source.describe(i), reason=str(err))
+        return i, int(self.source.labels[i]), image
+
+
+@dataclass
+class _Collate:
+    """Preprocess the good images of a slice; list the bad ones. Runs in the loader workers."""
+
+    preprocess: Callable[[list[Image.Image]], torch.Tensor]
+
+    def __call__(self, items: list[tuple[int, int, Image.Image | BadRecord]]) -> ImageBatch:
+        good = [(i, label, img) for i, label, img in items if isinstance(img, Image.Image)]
+        bad = [img for _, _, img in items if isinstance(img, BadRecord)]
+        if good:
+            pixel_values = self.preprocess([img for _, _, img in good])
+        else:
+            pixel_values = self.preprocess([Image.new("RGB", (64, 64))])[:0]
+        return ImageBatch(
+            example_ids=np.asarray([i for i, _, _ in good], dtype=np.int64),
+            labels=np.asarray([label for _, label, _ in good], dtype=np.int64),
+            pixel_values=pixel_values,
+            bad=bad,
+        )
+
+
+def image_batches(
+    source: ImageSource,
+    example_ids: Sequence[int] | np.ndarray,
+    preprocess: Callable[[list[Image.Image]], torch.Tensor],
+    batch_size: int,
+    num_workers: int = 0,
+) -> Iterator[ImageBatch]:
+    """Batches of ``example_ids`` in order, decoded and preprocessed in DataLoader workers.
+
+    ``preprocess`` maps a list of RGB images to a (b, 3, H, W) tensor and must be picklable. Batch
+    k covers ``example_ids[k * batch_size : (k + 1) * batch_size]`` minus its bad images.
+    """
+    ids = np.asarray(example_ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"example_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(source)):
+        raise ValueError(
+            f"example_ids must lie in [0, {len(source)}), got [{ids.min()}, {ids.max()}]"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    loader = torch.utils.data.DataLoader(
+        _Examples(source, ids),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(preprocess),
+    )
+    return (batch for batch in loader)
+
+
+def write_bad_report(records: list[BadRecord], path: str | os.PathLike) -> None:
+    """Write ``records`` as a JSON list of {example_id, where, reason}, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = [dataclasses.asdict(r) for r in records]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
