@@ -1,0 +1,81 @@
+"""Where the CLS, register and patch tokens sit in a backbone's token sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BackboneError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token positions of one image's sequence ``(n_tokens, d_model)``.
+
+    ``cls_index`` is None for models without a CLS token (SigLIP). Patches are the
+    ``grid[0] * grid[1]`` tokens from ``patch_start`` on, in row-major order (row = image y).
+    ``extra_indices`` are the other non-patch tokens (DINOv2 registers).
+    """
+
+    n_tokens: int
+    cls_index: int | None
+    patch_start: int
+    grid: tuple[int, int]
+    extra_indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
+        object.__setattr__(self, "extra_indices", tuple(int(i) for i in self.extra_indices))
+        if min(self.grid) < 1 or self.patch_start < 0:
+            raise BackboneError(
+                f"invalid token layout {self}: grid must be positive and patch_start >= 0"
+            )
+        if self.patch_start + self.n_patches > self.n_tokens:
+            raise BackboneError(
+                f"invalid token layout {self}: patch_start + grid cells "
+                f"({self.patch_start} + {self.n_patches}) exceeds n_tokens {self.n_tokens}"
+            )
+        special = ([] if self.cls_index is None else [self.cls_index]) + list(self.extra_indices)
+        patches = self.patch_indices
+        for index in special:
+            if not 0 <= index < self.n_tokens or index in patches:
+                raise BackboneError(
+                    f"invalid token layout {self}: CLS/extra index {index} must be a non-patch "
+                    f"position in 0..{self.n_tokens - 1}"
+                )
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_indices(self) -> range:
+        return range(self.patch_start, self.patch_start + self.n_patches)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {
+            "n_tokens": self.n_tokens,
+            "cls_index": self.cls_index,
+            "patch_start": self.patch_start,
+            "grid": list(self.grid),
+            "extra_indices": list(self.extra_indices),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenLayout:
+        """Inverse of ``to_dict``; a missing or unknown key raises BackboneError."""
+        required = {"n_tokens", "cls_index", "patch_start", "grid"}
+        allowed = required | {"extra_indices"}
+        if not required <= set(data) <= allowed:
+            raise BackboneError(
+                f"token layout dict has keys {sorted(data)}; expected {sorted(required)} "
+                f"and optionally 'extra_indices'"
+            )
+        return cls(
+            n_tokens=int(data["n_tokens"]),
+            cls_index=None if data["cls_index"] is None else int(data["cls_index"]),
+            patch_start=int(data["patch_start"]),
+            grid=tuple(data["grid"]),
+            extra_indices=tuple(data.get("extra_indices", ())),
+        )

@@ -1,0 +1,163 @@
+"""Load a ``Backbone`` from a Hugging Face hub id or a local folder, or wrap an in-memory model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core import Backbone
+from .errors import BackboneError
+from .families import PARTS_BY_MODEL_TYPE
+
+DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+_CHUNK = 1 << 22
+
+
+def _model_class(model_type: str) -> type[nn.Module]:
+    import transformers
+
+    names = {
+        "clip": "CLIPModel",
+        "dinov2": "Dinov2Model",
+        "dinov2_with_registers": "Dinov2WithRegistersModel",
+        "vit": "ViTModel",
+        "siglip": "SiglipModel",
+        "siglip_vision_model": "SiglipVisionModel",
+    }
+    return getattr(transformers, names[model_type])
+
+
+def folder_hash(folder: str | Path) -> str:
+    """sha256 over ``config.json`` and the weight files of ``folder``, in name order.
+
+    Each file contributes its name, a NUL byte, its size and its bytes (read in 4 MiB chunks),
+    so renaming, truncating or editing any of them changes the hash; other files do not count.
+    """
+    folder = Path(folder)
+    files = [folder / "config.json"] + sorted(
+        p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """Commit hash of the cached snapshot of ``repo_id`` (found offline), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(cached, str):
+        return None
+    snapshot = Path(cached).parent
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
+def _model_type(source: str, is_folder: bool) -> str:
+    if is_folder:
+        config_path = Path(source) / "config.json"
+        if not config_path.is_file():
+            raise BackboneError(
+                f"{source} has no config.json: pass a folder written by save_pretrained"
+            )
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    else:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(source).model_type
+        except (OSError, ValueError) as err:
+            reason = " ".join(str(err).split())
+            raise BackboneError(
+                f"cannot load {source!r} from the Hugging Face hub or its local cache ({reason}): "
+                "check the name, download it once with network access, or pass a local folder"
+            ) from None
+    if model_type not in PARTS_BY_MODEL_TYPE:
+        raise BackboneError(
+            f"{source}: model_type {model_type!r} is not supported; supported config.json "
+            f"model_type values: {sorted(PARTS_BY_MODEL_TYPE)} (families clip, dinov2, vit, siglip)"
+        )
+    return model_type
+
+
+def load_backbone(
+    name_or_path: str | Path = DEFAULT_BACKBONE,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    tokenizer: str | Path | None = None,
+) -> Backbone:
+    """Load a backbone by hub id or local folder; the family comes from ``config.json``.
+
+    A local folder is read offline. The image processor comes from the same place, so
+    preprocessing matches the model's. CLIP also loads its tokenizer from ``tokenizer`` when
+    given, else from the model's own folder/repo when it has one (``encode_text`` needs it).
+    """
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    is_folder = path.is_dir()
+    if path.exists() and not is_folder:
+        raise BackboneError(f"{source} is a file, not a model folder: pass its folder or a hub id")
+    if not is_folder and source.startswith(("/", ".", "~")):
+        raise BackboneError(f"folder {source} does not exist: check the path")
+    if is_folder:
+        source = str(path)
+    model_type = _model_type(source, is_folder)
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        model, info = _model_class(model_type).from_pretrained(
+            source, dtype=dtype, local_files_only=is_folder, output_loading_info=True
+        )
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=is_folder)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise BackboneError(
+            f"cannot load the model and image processor from {source!r} ({reason}): the folder or "
+            "repo needs config.json, weights and preprocessor_config.json"
+        ) from None
+    if model_type == "vit" and any(k.startswith("pooler.") for k in info["missing_keys"]):
+        model.pooler = None
+    text_tokenizer = None
+    if model_type == "clip":
+        tok_source = source if tokenizer is None else str(tokenizer)
+        tok_local = is_folder if tokenizer is None else Path(tok_source).is_dir()
+        try:
+            if tok_local and not any((Path(tok_source) / f).is_file() for f in TOKENIZER_FILES):
+                raise OSError(f"none of {list(TOKENIZER_FILES)} is in the folder")
+            text_tokenizer = AutoTokenizer.from_pretrained(tok_source, local_files_only=tok_local)
+        except (OSError, ValueError, TypeError) as err:
+            if tokenizer is not None:
+                raise BackboneError(
+                    f"cannot load a tokenizer from {tok_source!r} ({err}): pass a folder with "
+                    "tokenizer files, e.g. one written by tokenizer.save_pretrained"
+                ) from None
+    return Backbone(
+        model.to(device),
+        processor,
+        text_tokenizer,
+        name=source,
+        revision=None if is_folder else hub_revision(source),
+        folder_hash=folder_hash(source) if is_folder else None,
+    )
+
+
+def backbone_from_hf(
+    model: nn.Module,
+    image_processor: object,
+    tokenizer: object | None = None,
+    name: str = "in-memory",
+) -> Backbone:
+    """Wrap an in-memory HF model (puts it in eval mode); identity has no revision or hash."""
+    return Backbone(model, image_processor, tokenizer, name=name)
