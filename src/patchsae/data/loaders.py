@@ -1,0 +1,171 @@
+"""Seeded, resumable streams over an activation store: shuffled tokens and batches of images.
+
+Both streams are pure functions of their arguments: batch ``i`` of a stream is the same whether
+the stream starts at batch 0 or at ``start_batch=i``, so training resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+from patchsae.data.store import ActivationStore, StoreError
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+def _check_seed(name: str, seed: int | None) -> None:
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise StoreError(f"{name} must be a non-negative integer or None, got {seed!r}")
+
+
+def _image_range(store: ActivationStore, start: int, stop: int | None) -> tuple[int, int]:
+    stop = len(store) if stop is None else stop
+    if not 0 <= start < stop <= len(store):
+        raise StoreError(
+            f"image range [{start}, {stop}) is empty or outside the store's {len(store)} images; "
+            "pass 0 <= start < stop <= len(store)"
+        )
+    return start, stop
+
+
+def _epoch_order(n: int, seed: int | None, epoch: int) -> np.ndarray:
+    """(n,) image positions of one epoch: a permutation seeded by (seed, epoch), or identity."""
+    if seed is None:
+        return np.arange(n, dtype=np.int64)
+    return _rng(seed, epoch).permutation(n).astype(np.int64)
+
+
+def _token_slice(store: ActivationStore, tokens: str) -> slice:
+    layout = store.token_layout
+    if tokens == "all":
+        return slice(0, store.n_tokens)
+    if tokens == "cls":
+        if layout.cls_index is None:
+            raise StoreError("this backbone has no CLS token; use tokens='all' or 'patches'")
+        return slice(layout.cls_index, layout.cls_index + 1)
+    if tokens == "patches":
+        patches = layout.patch_indices
+        return slice(patches.start, patches.stop)
+    raise StoreError(f"tokens must be 'all', 'cls' or 'patches', got {tokens!r}")
+
+
+def token_batches(
+    store: ActivationStore,
+    batch_size: int,
+    *,
+    seed: int | None,
+    layer: int | None = None,
+    tokens: Literal["all", "cls", "patches"] = "all",
+    window_images: int = 64,
+    start_batch: int = 0,
+    epochs: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Shuffled token batches, each (batch_size, D) float32, from images [start, stop).
+
+    Per epoch the images are permuted by a generator seeded from (seed, epoch) and cut into windows
+    of ``window_images``; within window w the tokens (listed by image in store order, then token
+    position) are permuted by a generator seeded from (seed, epoch, w). Concatenating all windows
+    of all epochs gives one token stream; batch i is tokens [i * batch_size, (i + 1) * batch_size).
+    ``seed=None`` keeps store order. ``epochs=None`` streams forever; otherwise the incomplete last
+    batch is dropped.
+    """
+    _check_seed("seed", seed)
+    if batch_size < 1 or window_images < 1 or start_batch < 0:
+        raise StoreError("batch_size and window_images must be >= 1 and start_batch >= 0")
+    if epochs is not None and epochs < 1:
+        raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
+    start, stop = _image_range(store, start, stop)
+    layer = store.resolve_layer(layer)
+    token_sel = _token_slice(store, tokens)
+    n_images = stop - start
+    per_image = token_sel.stop - token_sel.start
+    per_window = window_images * per_image
+    offset = start_batch * batch_size
+    epoch, within = divmod(offset, n_images * per_image)
+    first_window, skip = divmod(within, per_window)
+    pending = np.zeros((0, store.d_model), dtype=np.float32)
+    while epochs is None or epoch < epochs:
+        order = _epoch_order(n_images, seed, epoch)
+        for w in range(first_window, -(-n_images // window_images)):
+            images = np.sort(order[w * window_images : (w + 1) * window_images]) + start
+            window_nd = store.take(images, layer, token_sel).reshape(-1, store.d_model)
+            if seed is None:
+                picks = np.arange(skip, len(window_nd))
+            else:
+                picks = _rng(seed, epoch, w).permutation(len(window_nd))[skip:]
+            skip = 0
+            need = batch_size - len(pending)
+            if len(picks) < need:
+                pending = np.concatenate([pending, window_nd[picks]])
+                continue
+            if len(pending):
+                yield torch.from_numpy(np.concatenate([pending, window_nd[picks[:need]]]))
+                picks = picks[need:]
+            n_full = len(picks) // batch_size
+            for b in range(n_full):
+                yield torch.from_numpy(window_nd[picks[b * batch_size : (b + 1) * batch_size]])
+            pending = window_nd[picks[n_full * batch_size :]]
+        first_window = 0
+        epoch += 1
+
+
+def image_batches_from_store(
+    store: ActivationStore,
+    batch_size: int,
+    *,
+    layer: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    shuffle_seed: int | None = None,
+    start_batch: int = 0,
+    epochs: int | None = 1,
+) -> Iterator[torch.Tensor]:
+    """Batches of whole images, each (B, T, D) float32, from images [start, stop) of the store.
+
+    The image stream is each epoch's order (store order, or a permutation seeded from
+    (shuffle_seed, epoch)) concatenated over epochs; batch i is images
+    [i * batch_size, (i + 1) * batch_size) of that stream, so batches may span an epoch boundary.
+    With a finite ``epochs`` the last batch holds the remaining images and may be smaller.
+    """
+    _check_seed("shuffle_seed", shuffle_seed)
+    if batch_size < 1 or start_batch < 0:
+        raise StoreError("batch_size must be >= 1 and start_batch >= 0")
+    if epochs is not None and epochs < 1:
+        raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
+    start, stop = _image_range(store, start, stop)
+    layer = store.resolve_layer(layer)
+    n_images = stop - start
+    epoch, pos = divmod(start_batch * batch_size, n_images)
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    while epochs is None or epoch < epochs:
+        order = _epoch_order(n_images, shuffle_seed, epoch) + start
+        while pos < n_images:
+            take = min(batch_size - n_pending, n_images - pos)
+            pending.append(order[pos : pos + take])
+            n_pending += take
+            pos += take
+            if n_pending == batch_size:
+                yield _read_images(store, np.concatenate(pending), layer)
+                pending, n_pending = [], 0
+        pos = 0
+        epoch += 1
+    if n_pending:
+        yield _read_images(store, np.concatenate(pending), layer)
+
+
+def _read_images(store: ActivationStore, images: np.ndarray, layer: int) -> torch.Tensor:
+    """(len(images), T, D) float32 activations in the order of ``images`` (repeats allowed)."""
+    unique, inverse = np.unique(images, return_inverse=True)
+    acts = store.take(unique, layer)
+    if len(unique) != len(images) or not np.array_equal(unique, images):
+        acts = acts[inverse]
+    return torch.from_numpy(acts)

@@ -1,0 +1,401 @@
+"""Activation store on disk: a resumable shard writer and a memory-mapped reader.
+
+Layout of a store folder (format described in ``docs/store.md``)::
+
+    metadata.json              plan + results; "complete": true once every shard is written
+    example_ids.npy            (N,) int64, example id of each stored image, in store order
+    labels.npy                 (N,) int64, its label (-1 when unlabelled)
+    bad_images.json            images that could not be decoded, skipped
+    shards/00000.json          per-shard entry: planned slice, kept ids/labels, bad images, files
+    layer_<L>/00000.npy        (n_k, T, D) activations after block L of the images of shard k
+
+Shards cover fixed slices of the planned example order. A shard becomes visible only when its
+entry JSON is renamed into place, after all of its ``.npy`` files were; so a killed run leaves
+either a complete shard or files that are rewritten on resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchsae.backbones import TokenLayout
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+EXAMPLE_IDS = "example_ids.npy"
+LABELS = "labels.npy"
+BAD_IMAGES = "bad_images.json"
+SHARD_DIR = "shards"
+TMP_SUFFIX = ".tmp"
+RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files")
+DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
+
+
+class StoreError(ValueError):
+    """A store folder is missing, incomplete, of another format or configured differently."""
+
+
+def layer_dir(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def shard_name(k: int) -> str:
+    return f"{k:05d}"
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """``acts`` (any shape, any float dtype/device) as a CPU array in the storage ``dtype``.
+
+    bf16 is stored as its raw 16 bits (uint16), since numpy has no bfloat16.
+    """
+    if dtype == "bf16":
+        bits = acts.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16)
+        return bits.numpy().view(np.uint16)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    return acts.detach().to(torch_dtype).cpu().contiguous().numpy()
+
+
+def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as readable floats: bf16 bits become float32, other dtypes pass through."""
+    if dtype == "bf16":
+        return (np.asarray(values).astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (missing counts as differing)."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, ...) != fb.get(k, ...))
+
+
+class ShardWriter:
+    """Collects the activations of one shard, straight into memory-mapped temporary ``.npy`` files.
+
+    ``append`` takes the kept images of consecutive batches; ``commit`` renames the files into place
+    and then writes the shard entry. Files are sized for ``n_planned`` images; when bad images were
+    dropped the kept rows are copied into a smaller file at commit.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        index: int,
+        n_planned: int,
+        layers: Sequence[int],
+        n_tokens: int,
+        d_model: int,
+        dtype: str,
+    ) -> None:
+        self.root, self.index, self.dtype = root, index, dtype
+        self.n_rows = 0
+        self.arrays: dict[int, np.ndarray] = {}
+        for layer in layers:
+            path = self._path(layer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._rows_tmp(path)
+            shape = (n_planned, n_tokens, d_model)
+            self.arrays[layer] = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=DTYPES[dtype], shape=shape
+            )
+
+    def _path(self, layer: int) -> Path:
+        return self.root / layer_dir(layer) / f"{shard_name(self.index)}.npy"
+
+    @staticmethod
+    def _rows_tmp(path: Path) -> Path:
+        return path.with_name(path.name + ".rows" + TMP_SUFFIX)
+
+    def append(self, acts: dict[int, torch.Tensor]) -> None:
+        """Append a batch: ``acts[layer]`` is (b, T, D) for every layer of the shard."""
+        sizes = {int(a.shape[0]) for a in acts.values()}
+        if len(sizes) != 1 or set(acts) != set(self.arrays):
+            raise StoreError(f"shard batch must hold the layers {sorted(self.arrays)} of one size")
+        b = sizes.pop()
+        for layer, values in acts.items():
+            self.arrays[layer][self.n_rows : self.n_rows + b] = to_storage(values, self.dtype)
+        self.n_rows += b
+
+    def commit(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Move the shard's files into place, then write its entry; returns the entry written."""
+        files = {}
+        for layer, array in self.arrays.items():
+            path = self._path(layer)
+            tmp = self._rows_tmp(path)
+            if self.n_rows == array.shape[0]:
+                array.flush()
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                atomic_save_npy(path, np.asarray(array[: self.n_rows]))
+                tmp.unlink()
+            files[str(layer)] = {
+                "path": path.relative_to(self.root).as_posix(),
+                "bytes": path.stat().st_size,
+            }
+        self.arrays = {}
+        entry = {**entry, "shard": self.index, "n_images": self.n_rows, "files": files}
+        entry_path = self.root / SHARD_DIR / f"{shard_name(self.index)}.json"
+        entry_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(entry_path, entry)
+        return entry
+
+
+class StoreWriter:
+    """Creates or resumes a store folder for a fixed ``plan`` (the metadata known before the run).
+
+    Opening a folder that holds a store of another plan raises :class:`StoreError` naming the keys
+    that differ. The folder is locked (``flock``) while the writer is open.
+    """
+
+    def __init__(self, root: str | os.PathLike, plan: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.plan = plan
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError(
+                f"another process is writing to {self.root}; wait for it or use another --out"
+            ) from None
+        self.complete = False
+        meta_path = self.root / METADATA
+        if meta_path.is_file():
+            existing = json.loads(meta_path.read_text())
+            previous = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
+            diff = differing_keys(previous, plan)
+            if diff:
+                self.close()
+                raise StoreError(
+                    f"{self.root} holds a store made with a different configuration "
+                    f"(differs in: {', '.join(diff)}); use a new --out or delete that folder"
+                )
+            self.complete = bool(existing.get("complete"))
+        else:
+            leftovers = [p.name for p in self.root.iterdir()]
+            if leftovers:
+                self.close()
+                raise StoreError(
+                    f"{self.root} is not empty ({', '.join(sorted(leftovers)[:5])}) and holds no "
+                    f"{METADATA}; use a new --out or an empty folder"
+                )
+            atomic_write_json(meta_path, {**plan, "complete": False})
+        if not self.complete:
+            for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
+                tmp.unlink()
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def shard_entry(self, k: int) -> dict[str, Any] | None:
+        """The entry of shard ``k`` if the shard is complete on disk (files exist, sizes match)."""
+        entry_path = self.root / SHARD_DIR / f"{shard_name(k)}.json"
+        if not entry_path.is_file():
+            return None
+        try:
+            entry = json.loads(entry_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        for info in entry.get("files", {}).values():
+            path = self.root / info["path"]
+            if not path.is_file() or path.stat().st_size != info["bytes"]:
+                return None
+        if sorted(entry.get("files", {})) != sorted(str(layer) for layer in self.plan["layers"]):
+            return None
+        return entry
+
+    def shard(self, k: int, n_planned: int) -> ShardWriter:
+        """A writer for shard ``k`` sized for ``n_planned`` images."""
+        p = self.plan
+        return ShardWriter(
+            self.root, k, n_planned, p["layers"], p["n_tokens"], p["d_model"], p["dtype"]
+        )
+
+    def finalize(self, entries: list[dict[str, Any]], bad_report: list[dict[str, Any]]) -> Path:
+        """Write the index files, ``bad_images.json`` and the complete ``metadata.json``."""
+        ids = [np.asarray(e["example_ids"], dtype=np.int64) for e in entries]
+        labels = [np.asarray(e["labels"], dtype=np.int64) for e in entries]
+        atomic_save_npy(self.root / EXAMPLE_IDS, np.concatenate(ids) if ids else np.zeros(0, int))
+        atomic_save_npy(self.root / LABELS, np.concatenate(labels) if labels else np.zeros(0, int))
+        atomic_write_json(self.root / BAD_IMAGES, bad_report)
+        results = {
+            "complete": True,
+            "n_images": int(sum(e["n_images"] for e in entries)),
+            "n_bad": len(bad_report),
+            "shard_counts": [int(e["n_images"]) for e in entries],
+            "files": {"example_ids": EXAMPLE_IDS, "labels": LABELS, "bad_images": BAD_IMAGES},
+        }
+        atomic_write_json(self.root / METADATA, {**self.plan, **results})
+        self.complete = True
+        return self.root
+
+
+class ActivationStore:
+    """A complete store, read through memory maps (nothing is loaded up front).
+
+    ``store[i]`` is the (T, D) activation of image ``i`` in store order at the first layer
+    (stored dtype; float32 for bf16 stores); ``get(i, layer)`` picks a layer.
+    """
+
+    def __init__(self, root: Path, metadata: dict[str, Any]) -> None:
+        self.root = root
+        self.metadata = metadata
+        self.layers: list[int] = list(metadata["layers"])
+        self.dtype: str = metadata["dtype"]
+        self.d_model: int = int(metadata["d_model"])
+        self.n_tokens: int = int(metadata["n_tokens"])
+        self.token_layout = TokenLayout.from_dict(metadata["token_layout"])
+        counts = np.asarray(metadata["shard_counts"], dtype=np.int64)
+        self.shard_counts = counts
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.example_ids = np.load(root / EXAMPLE_IDS, allow_pickle=False)
+        self.labels = np.load(root / LABELS, allow_pickle=False)
+        self._maps: dict[tuple[int, int], np.ndarray] = {}
+        if len(self.example_ids) != self.offsets[-1] or len(self.labels) != self.offsets[-1]:
+            raise StoreError(f"{root}: index files do not match the shard counts; re-extract it")
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> ActivationStore:
+        """Open the store folder ``root``; refuses incomplete stores and unknown formats."""
+        root = Path(root)
+        meta_path = root / METADATA
+        if not meta_path.is_file():
+            raise StoreError(f"{root} is not an activation store (no {METADATA}); run extract")
+        metadata = json.loads(meta_path.read_text())
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{root} has store format_version {version}, this patchsae reads version "
+                f"{FORMAT_VERSION}; re-extract it with this version"
+            )
+        if not metadata.get("complete"):
+            raise StoreError(
+                f"{root} is incomplete (extraction was interrupted); rerun the same extract "
+                "command to finish it"
+            )
+        return cls(root, metadata)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def resolve_layer(self, layer: int | None) -> int:
+        """A stored layer: ``None`` is the first, negative values count from the backbone's end."""
+        if layer is None:
+            return self.layers[0]
+        n_layers = int(self.metadata["backbone"]["n_layers"])
+        resolved = layer + n_layers if layer < 0 else layer
+        if resolved not in self.layers:
+            raise StoreError(f"layer {layer} is not in this store; stored layers: {self.layers}")
+        return resolved
+
+    def _map(self, layer: int, k: int) -> np.ndarray:
+        key = (layer, k)
+        if key not in self._maps:
+            path = self.root / layer_dir(layer) / f"{shard_name(k)}.npy"
+            self._maps[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._maps[key]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} out of range [0, {len(self)})")
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
+    def get(self, i: int, layer: int | None = None) -> np.ndarray:
+        """(T, D) activations of image ``i`` (store order) at ``layer``."""
+        i = int(i) + len(self) if int(i) < 0 else int(i)
+        k, j = self._locate(i)
+        return from_storage(self._map(self.resolve_layer(layer), k)[j], self.dtype)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def images(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+        """(stop - start, T, D) activations of images [start, stop); a view within one shard."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"images [{start}, {stop}) out of range [0, {len(self)}]")
+        layer = self.resolve_layer(layer)
+        parts = []
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop:
+            end = min(stop, int(self.offsets[k + 1]))
+            base = int(self.offsets[k])
+            if end > start:
+                parts.append(self._map(layer, k)[start - base : end - base])
+            start, k = end, k + 1
+        if not parts:
+            return np.zeros((0, self.n_tokens, self.d_model), dtype=np.float32)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return from_storage(out, self.dtype)
+
+    def take(
+        self, indices: np.ndarray, layer: int | None = None, tokens: slice = slice(None)
+    ) -> np.ndarray:
+        """(n, t, D) float32 activations of the images ``indices`` (sorted, unique, store order).
+
+        Reads one fancy-indexed slice per shard; ``tokens`` selects token positions.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        layer = self.resolve_layer(layer)
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        parts = []
+        for k in np.unique(shard_of):
+            local = indices[shard_of == k] - self.offsets[k]
+            mm = self._map(layer, int(k))
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            rows = mm[lo:hi, tokens] if hi - lo == len(local) else mm[local, tokens]
+            parts.append(from_storage(rows, self.dtype))
+        if not parts:
+            return np.zeros((0, 0, self.d_model), dtype=np.float32)
+        return np.concatenate(parts, dtype=np.float32)
