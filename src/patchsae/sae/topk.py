@@ -1,0 +1,121 @@
+"""``topk`` (Gao et al. 2024) and ``batchtopk`` (Bussmann et al. 2024) SAEs with the AuxK loss.
+
+Both use the OpenAI normalised MSE: ``sum ||x_hat - x||^2 / sum ||x - mean(x)||^2`` over the
+tokens of the batch (the reconstruction error relative to predicting the batch mean), plus
+``aux_coefficient`` times the AuxK loss on the dead latents.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from patchsae.sae import kernels
+from patchsae.sae.base import SAE, LossOutput
+from patchsae.sae.registry import register_sae
+
+
+def normalized_mse(x_hat_nd: Tensor, x_nd: Tensor) -> Tensor:
+    """``sum (x_hat - x)^2 / sum (x - x.mean(0))^2`` over all n tokens and d; 0 if x is constant."""
+    variance = (x_nd - x_nd.mean(0)).pow(2).sum()
+    error = (x_hat_nd - x_nd).pow(2).sum()
+    return torch.where(variance > 0, error / variance.clamp_min(torch.finfo(x_nd.dtype).tiny), 0)
+
+
+def auxk_loss(
+    pre_nm: Tensor, residual_nd: Tensor, W_dec: Tensor, dead_mask: Tensor | None, aux_k: int
+) -> Tensor:
+    """AuxK: reconstruct the detached residual ``x - x_hat`` (n, d) from dead latents only.
+
+    Per token, the top ``min(aux_k, n_dead)`` pre-activations among dead latents (ReLU applied)
+    are decoded without b_dec and scored with ``normalized_mse`` against the residual. Returns a
+    differentiable scalar, 0 when no latent is dead.
+    """
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if n_dead == 0:
+        return pre_nm.new_zeros(())
+    masked = pre_nm.masked_fill(~dead_mask, float("-inf"))
+    values, indices = masked.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    recon = kernels.decode_topk(indices, torch.relu(values), W_dec)
+    return normalized_mse(recon, residual_nd)
+
+
+class _KSparseSAE(SAE):
+    """Shared training loss of the k-sparse architectures."""
+
+    uses_k = True
+
+    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
+        """Training-time decoding of pre_nm (n, m): (x_hat (n, d), fire_counts (m,) int64)."""
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, *, dead_mask: Tensor | None = None) -> LossOutput:
+        """Normalised MSE + aux_coefficient * AuxK on x (B, T, d_in) or (N, d_in).
+
+        Terms: mse, aux, total.
+        """
+        self._check_dead_mask(dead_mask)
+        x_nd = self._flat(x)
+        pre_nm = kernels.encode_pre(x_nd, self.W_enc, self.b_enc, self.b_dec)
+        x_hat_nd, fire_counts = self._train_codes(pre_nm)
+        mse = normalized_mse(x_hat_nd, x_nd)
+        aux = auxk_loss(pre_nm, (x_nd - x_hat_nd).detach(), self.W_dec, dead_mask, self.cfg.aux_k)
+        total = mse + self.cfg.aux_coefficient * aux
+        terms = {"mse": mse.detach(), "aux": aux.detach(), "total": total.detach()}
+        return LossOutput(total, terms, x_hat_nd.detach().reshape(x.shape), fire_counts)
+
+
+@register_sae("topk")
+class TopKSAE(_KSparseSAE):
+    """Per-token TopK: the k largest pre-activations of each token, ReLU applied."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """codes (..., d_sae) with at most k nonzeros per token."""
+        pre = self.pre_acts(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = pre_nm.topk(self.cfg.k, dim=-1, sorted=False)
+        values = torch.relu(values)
+        x_hat = kernels.decode_topk(indices, values, self.W_dec) + self.b_dec
+        fire_counts = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
+        return x_hat, fire_counts
+
+
+@register_sae("batchtopk")
+class BatchTopKSAE(_KSparseSAE):
+    """BatchTopK: training keeps the k * n largest activations of a batch of n tokens.
+
+    Each training step (module in training mode) updates the buffer ``threshold`` with an EMA
+    (``threshold_momentum``) of the smallest activation kept; the first step sets it directly.
+    Inference keeps the activations above it, so one token's codes do not depend on its batch.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros((), dtype=self.dtype))
+        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """codes (..., d_sae) = a * (a > threshold) with a = ReLU(pre_acts(x))."""
+        acts = torch.relu(self.pre_acts(x))
+        return acts * (acts > self.threshold)
+
+    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
+        n, m = pre_nm.shape
+        acts = torch.relu(pre_nm).reshape(-1)
+        values, flat = acts.topk(min(self.cfg.k * n, n * m), sorted=False)
+        flat = flat[values > 0].sort().values
+        values = acts[flat]
+        rows, cols = flat // m, flat % m
+        x_hat = kernels.decode_entries(rows, cols, values, self.W_dec, n) + self.b_dec
+        if self.training and values.numel() > 0:
+            self._update_threshold(values.detach().min())
+        return x_hat, torch.bincount(cols, minlength=m)
+
+    @torch.no_grad()
+    def _update_threshold(self, smallest_kept: Tensor) -> None:
+        momentum = self.cfg.threshold_momentum if int(self.threshold_steps) > 0 else 0.0
+        self.threshold.mul_(momentum).add_((1 - momentum) * smallest_kept)
+        self.threshold_steps += 1

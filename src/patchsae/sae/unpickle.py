@@ -1,0 +1,368 @@
+"""Read torch/pickle checkpoints without executing anything they name.
+
+``read_pickled_checkpoint(path)`` understands the three layouts ``torch.save`` and ``pickle.dump``
+produce: the zip archive (``data.pkl`` + ``data/<key>`` storages), the legacy stream (magic number,
+protocol, system info, object, storage keys, raw storages) and a plain pickle, optionally gzipped.
+The unpickler resolves globals only from an explicit allow-list:
+
+- plain containers (``collections.OrderedDict``, ``set``, ``frozenset``), ``torch.device``,
+  ``torch.Size``, torch dtypes and storage types;
+- tensor rebuilding (``torch._utils._rebuild_tensor_v2``, ``_rebuild_tensor``,
+  ``_rebuild_parameter``, ``torch.storage._load_from_bytes``), re-implemented here over storages
+  read by this module, with bounds checks;
+- classes of the modules in ``placeholder_modules``, which become inert placeholders keeping
+  their pickled state as a dict (the real class is never imported).
+
+Any other global makes the load fail with ``PickleRefused`` naming it.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import gzip
+import io
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "UntypedStorage": torch.uint8,
+}
+
+
+class PickleRefused(ValueError):
+    """The pickle names a global outside the allow-list, or is malformed."""
+
+
+class Placeholder:
+    """An inert stand-in for a pickled instance of a class that is never imported.
+
+    ``state`` holds what the pickle handed to BUILD (for a dataclass: its fields), ``args`` the
+    constructor arguments of a REDUCE call.
+    """
+
+    pickled_module: str = ""
+    pickled_name: str = ""
+
+    def __new__(cls, *args: Any) -> Placeholder:
+        self = super().__new__(cls)
+        self.args = args
+        self.state = {}
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = {**state[0], **(state[1] or {})}
+        self.state = dict(state) if isinstance(state, dict) else {"state": state}
+
+    def __repr__(self) -> str:
+        return f"Placeholder({self.pickled_module}.{self.pickled_name}, {self.state!r})"
+
+
+class _StorageType:
+    """Marker for ``torch.FloatStorage`` and friends: only its dtype matters."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dtype = STORAGE_DTYPES[name]
+
+
+class _Storage:
+    """A storage read by this module: a flat 1-D tensor of one dtype."""
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+
+
+def _flat_from_bytes(data: bytes, dtype: torch.dtype, numel: int, where: str) -> torch.Tensor:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != numel * itemsize:
+        raise PickleRefused(
+            f"storage {where}: expected {numel * itemsize} bytes ({numel} x {dtype}), "
+            f"found {len(data)}"
+        )
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+def _check_ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list, torch.Size)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise PickleRefused(f"tensor {what} must be non-negative integers, found {values!r}")
+    return tuple(values)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+    """A strided view of ``storage``, refused unless every element lies inside it."""
+    if not isinstance(storage, _Storage):
+        raise PickleRefused(f"tensor rebuild got {type(storage).__name__}, expected a storage")
+    size = _check_ints(size, "size")
+    stride = _check_ints(stride, "stride")
+    (offset,) = _check_ints((offset,), "offset")
+    if len(size) != len(stride):
+        raise PickleRefused(f"tensor size {size} and stride {stride} differ in length")
+    numel = storage.flat.numel()
+    if 0 not in size:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= numel:
+            raise PickleRefused(
+                f"tensor of size {size}, stride {stride}, offset {offset} reads past the end "
+                f"of its storage ({numel} elements)"
+            )
+    return torch.as_strided(storage.flat, size, stride, offset)
+
+
+def _rebuild_tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> torch.Tensor:
+    if backward_hooks:
+        raise PickleRefused("tensors with backward hooks are not supported")
+    return _rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
+    if not isinstance(data, torch.Tensor):
+        raise PickleRefused(f"parameter rebuild got {type(data).__name__}, expected a tensor")
+    if backward_hooks:
+        raise PickleRefused("parameters with backward hooks are not supported")
+    return data
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise PickleRefused(f"_codecs.encode is only allowed on str with latin1, got {encoding!r}")
+    return text.encode("latin1")
+
+
+def _placeholder_class(module: str, name: str) -> type[Placeholder]:
+    return type(name, (Placeholder,), {"pickled_module": module, "pickled_name": name})
+
+
+class _Unpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` with an allow-list ``find_class`` and our storage loader."""
+
+    def __init__(
+        self,
+        file: io.BufferedIOBase,
+        *,
+        placeholder_modules: Iterable[str],
+        load_storage: Callable[[tuple], _Storage] | None,
+    ) -> None:
+        super().__init__(file)
+        self._placeholder_modules = frozenset(placeholder_modules)
+        self._load_storage = load_storage
+        self._placeholders: dict[tuple[str, str], type[Placeholder]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        key = (module, name)
+        allowed = self._allowed(key)
+        if allowed is not None:
+            return allowed
+        if module in self._placeholder_modules:
+            if key not in self._placeholders:
+                self._placeholders[key] = _placeholder_class(module, name)
+            return self._placeholders[key]
+        raise PickleRefused(
+            f"refused global {module}.{name}: only tensors, plain containers, torch.device, "
+            "torch dtypes and the PatchSAE config class may appear in a checkpoint"
+        )
+
+    def _allowed(self, key: tuple[str, str]) -> Any:
+        module, name = key
+        fixed = {
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("_codecs", "encode"): _codecs_encode,
+            ("torch", "device"): torch.device,
+            ("torch", "Size"): torch.Size,
+            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): self._load_from_bytes,
+        }
+        if key in fixed:
+            return fixed[key]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._load_storage is None:
+            raise PickleRefused(f"unexpected persistent id {pid!r} in a plain pickle")
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise PickleRefused(f"unsupported persistent id {pid!r}: only storages are allowed")
+        return self._load_storage(pid)
+
+    def _load_from_bytes(self, data: Any) -> Any:
+        if not isinstance(data, bytes):
+            raise PickleRefused("torch.storage._load_from_bytes expects bytes")
+        return _read_legacy(io.BytesIO(data), self._placeholder_modules)
+
+
+def _storage_spec(pid: tuple, n_fields: int) -> tuple[torch.dtype, str, int]:
+    """(dtype, key, numel) of a ``('storage', type, key, location, numel, ...)`` persistent id."""
+    if len(pid) != n_fields:
+        raise PickleRefused(f"malformed storage id {pid!r}")
+    storage_type, key, _location, numel = pid[1:5]
+    if isinstance(storage_type, _StorageType):
+        dtype = storage_type.dtype
+    elif isinstance(storage_type, torch.dtype):
+        dtype = storage_type
+    else:
+        raise PickleRefused(f"unknown storage type {storage_type!r}")
+    if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+        raise PickleRefused(f"malformed storage id {pid!r}")
+    return dtype, key, numel
+
+
+def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str]) -> Any:
+    """The object of a zip-format ``torch.save`` archive."""
+    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise PickleRefused("zip archive is not a torch checkpoint: no single <name>/data.pkl")
+    prefix = pickles[0][: -len("data.pkl")]
+    names = set(archive.namelist())
+    if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+        raise PickleRefused("big-endian torch checkpoints are not supported")
+    storages: dict[str, _Storage] = {}
+
+    def load_storage(pid: tuple) -> _Storage:
+        dtype, key, numel = _storage_spec(pid, 5)
+        if key not in storages:
+            name = f"{prefix}data/{key}"
+            if name not in names:
+                raise PickleRefused(f"storage {key} is missing from the archive ({name})")
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if archive.getinfo(name).file_size != numel * itemsize:
+                raise PickleRefused(
+                    f"storage {key}: expected {numel * itemsize} bytes ({numel} x {dtype}), "
+                    f"found {archive.getinfo(name).file_size}"
+                )
+            storages[key] = _Storage(_flat_from_bytes(archive.read(name), dtype, numel, key))
+        if storages[key].flat.dtype != dtype:
+            raise PickleRefused(f"storage {key} is used with two dtypes")
+        return storages[key]
+
+    stream = io.BytesIO(archive.read(pickles[0]))
+    return _Unpickler(
+        stream, placeholder_modules=placeholder_modules, load_storage=load_storage
+    ).load()
+
+
+def _read_legacy(stream: io.BytesIO, placeholder_modules: Iterable[str]) -> Any:
+    """The object of a legacy (pre-zip) ``torch.save`` stream, storages included."""
+
+    def plain() -> Any:
+        return _Unpickler(stream, placeholder_modules=placeholder_modules, load_storage=None).load()
+
+    if plain() != LEGACY_MAGIC:
+        raise PickleRefused("not a legacy torch stream: wrong magic number")
+    if plain() != LEGACY_PROTOCOL:
+        raise PickleRefused("unsupported legacy torch protocol version")
+    sys_info = plain()
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
+        raise PickleRefused("big-endian torch checkpoints are not supported")
+    storages: dict[str, _Storage] = {}
+    total_bytes = len(stream.getbuffer())
+
+    def load_storage(pid: tuple) -> _Storage:
+        dtype, key, numel = _storage_spec(pid, 6)
+        if pid[5] is not None:
+            raise PickleRefused("legacy storage views are not supported")
+        if numel * torch.empty((), dtype=dtype).element_size() > total_bytes:
+            raise PickleRefused(f"storage {key} claims {numel} elements, more than the file holds")
+        if key not in storages:
+            storages[key] = _Storage(torch.zeros(numel, dtype=dtype))
+        return storages[key]
+
+    result = _Unpickler(
+        stream, placeholder_modules=placeholder_modules, load_storage=load_storage
+    ).load()
+    keys = plain()
+    if not isinstance(keys, list) or set(keys) != set(storages):
+        raise PickleRefused("legacy torch stream: storage keys do not match the object")
+    for key in keys:
+        flat = storages[key].flat
+        header = stream.read(8)
+        if len(header) != 8:
+            raise PickleRefused(f"legacy torch stream ends before storage {key}")
+        (numel,) = struct.unpack("<q", header)
+        nbytes = numel * flat.element_size()
+        if numel != flat.numel():
+            raise PickleRefused(f"storage {key}: expected {flat.numel()} elements, found {numel}")
+        flat.copy_(_flat_from_bytes(stream.read(nbytes), flat.dtype, numel, key))
+    return result
+
+
+def read_pickled_checkpoint(path: str | Path, placeholder_modules: Iterable[str] = ()) -> Any:
+    """The object stored at ``path`` by ``torch.save`` (zip or legacy) or ``pickle.dump`` (gzip
+    or not), rebuilt without importing or calling anything outside the allow-list.
+
+    Raises ``PickleRefused`` for a refused global or a malformed file.
+    """
+    path = Path(path)
+    placeholder_modules = tuple(placeholder_modules)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    try:
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as archive:
+                return _read_zip(archive, placeholder_modules)
+        if head.startswith(b"\x1f\x8b"):
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+        return _read_stream(data, placeholder_modules)
+    except PickleRefused:
+        raise
+    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise PickleRefused(f"{path} is not a readable checkpoint: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as err:
+        raise PickleRefused(
+            f"{path} is not a readable checkpoint: {type(err).__name__}: {err}"
+        ) from None
+
+
+def _read_stream(data: bytes, placeholder_modules: tuple[str, ...]) -> Any:
+    """A plain pickle, or a legacy torch stream when the first pickle is the torch magic."""
+    stream = io.BytesIO(data)
+    first = _Unpickler(stream, placeholder_modules=placeholder_modules, load_storage=None).load()
+    if first == LEGACY_MAGIC:
+        return _read_legacy(io.BytesIO(data), placeholder_modules)
+    if stream.read(1):
+        raise PickleRefused("unexpected data after the pickled object")
+    return first

@@ -1,0 +1,385 @@
+"""SAE architectures, registry, sparse kernels and the golden PatchSAE init and step."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchsae.config import ConfigError, from_dict
+from patchsae.sae import kernels, recipe, registry
+from patchsae.sae.base import SAE
+from patchsae.sae.config import SAEConfig
+from patchsae.sae.registry import available_archs, make_sae, register_sae
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "golden" / "patchsae_sae_step.safetensors"
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+def small(arch: str, dtype: str = "float64", **kw) -> SAE:
+    torch.manual_seed(0)
+    return make_sae(SAEConfig(arch=arch, d_in=8, d_sae=32, k=4, aux_k=6, dtype=dtype, **kw))
+
+
+def dense_reference(sae: SAE, x: torch.Tensor, dead_mask: torch.Tensor | None):
+    """The relu objective with plain autograd: every matmul dense."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    codes = torch.relu(pre)
+    x_hat = codes @ sae.W_dec + sae.b_dec
+    return recipe.patchsae_loss(
+        x,
+        pre,
+        codes,
+        x_hat,
+        sae.W_dec,
+        l1_coefficient=sae.cfg.l1_coefficient,
+        dead_mask=dead_mask,
+        use_ghost_grads=sae.cfg.use_ghost_grads,
+    )
+
+
+def grads(sae: SAE, total: torch.Tensor) -> dict[str, torch.Tensor]:
+    sae.zero_grad(set_to_none=True)
+    total.backward()
+    return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).detach())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8)])
+def test_shapes_and_gradients_every_arch(arch, shape):
+    sae = small(arch)
+    x = torch.randn(shape, dtype=torch.float64)
+    codes = sae.encode(x)
+    assert codes.shape == (*shape[:-1], 32)
+    assert sae.decode(codes).shape == shape
+    assert torch.allclose(sae(x), sae.decode(codes))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:5] = True
+    out = sae.loss(x, dead_mask=dead)
+    assert out.total.shape == () and out.x_hat.shape == shape
+    assert out.fire_counts.dtype == torch.int64 and out.fire_counts.shape == (32,)
+    out.total.backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert [n for n, _ in sae.named_parameters()][:4] == ["W_enc", "b_enc", "W_dec", "b_dec"]
+
+
+def test_registry_and_config_errors():
+    assert set(ARCHS) <= set(available_archs())
+    assert type(make_sae(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2))).__name__ == "TopKSAE"
+    with pytest.raises(ConfigError, match="choose one of.*batchtopk.*jumprelu.*relu.*topk"):
+        SAEConfig(arch="gated", d_in=4, d_sae=8)
+    with pytest.raises(ValueError, match="k=9 must be between 1 and d_sae=8"):
+        SAEConfig(arch="topk", d_in=4, d_sae=8, k=9)
+    with pytest.raises(ConfigError, match="d_sae must be >= 1"):
+        SAEConfig(d_in=4, d_sae=0)
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(SAEConfig, {"d_in": 4, "d_sae": 8, "dtype": "int8"})
+    assert SAEConfig(arch="relu", d_in=4, d_sae=8).k == 64
+
+
+def test_register_custom_arch(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register_sae("relu_test_double")
+    class Doubled(type(small("relu"))):
+        def encode(self, x):
+            return 2 * super().encode(x)
+
+    sae = make_sae(SAEConfig(arch="relu_test_double", d_in=4, d_sae=8))
+    x = torch.randn(3, 4)
+    assert torch.allclose(sae.encode(x), 2 * torch.relu(sae.pre_acts(x)))
+    assert "relu_test_double" in available_archs()
+
+
+def test_bad_inputs_are_clear():
+    sae = small("relu")
+    with pytest.raises(ValueError, match="width 5 but d_in=8"):
+        sae.encode(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="dead_mask must be a bool tensor of shape"):
+        sae.loss(torch.randn(2, 8, dtype=torch.float64), dead_mask=torch.zeros(32))
+
+
+def test_topk_keeps_exactly_k_largest():
+    sae = small("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    codes = sae.encode(x)
+    assert ((codes != 0).sum(-1) == 4).all()
+    pre = sae.pre_acts(x)
+    kth = pre.topk(4, dim=-1).values[..., -1:]
+    assert torch.equal(codes != 0, pre >= kth)
+    assert torch.equal(codes[codes != 0], pre[codes != 0])
+    out = sae.loss(x)
+    assert int(out.fire_counts.sum()) == 10 * 4
+    assert torch.allclose(out.x_hat, sae.decode(codes))
+
+
+def test_batchtopk_threshold_and_batch_independence():
+    sae = small("batchtopk", threshold_momentum=0.5)
+    with torch.no_grad():
+        sae.b_enc.fill_(3.0)
+    sae.train()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    acts = torch.relu(sae.pre_acts(x)).detach()
+    kept = acts.flatten().topk(4 * 10).values
+    out = sae.loss(x)
+    assert int(out.fire_counts.sum()) == 40
+    assert float(sae.threshold) == pytest.approx(float(kept.min()), rel=1e-12)
+    first = float(sae.threshold)
+    sae.loss(x[:5])
+    kept2 = torch.relu(sae.pre_acts(x[:5])).detach().flatten().topk(20).values.min()
+    assert float(sae.threshold) == pytest.approx(0.5 * first + 0.5 * float(kept2), rel=1e-12)
+    sae.eval()
+    codes = sae.encode(x).detach()
+    for alone, together in (
+        (sae.encode(x[:3]), codes[:3]),
+        (sae.encode(torch.cat([x[7:], 5 * x[:4]]))[:3], codes[7:]),
+    ):
+        assert torch.equal(alone != 0, together != 0)
+        assert torch.allclose(alone, together, rtol=1e-12, atol=0)
+    assert torch.equal(codes != 0, acts > sae.threshold)
+    assert 0 < int((codes != 0).sum()) < 10 * 32
+
+
+def test_jumprelu_ste_gradients_by_hand():
+    sae = small("jumprelu", jumprelu_bandwidth=0.5, jumprelu_threshold_init=0.3, l0_coefficient=0.7)
+    x = torch.randn(12, 8, dtype=torch.float64)
+    out = sae.loss(x)
+    out.total.backward()
+    with torch.no_grad():
+        acts = torch.relu(sae.pre_acts(x))
+        theta = sae.log_threshold.exp()
+        eps = 0.5
+        active = acts > theta
+        codes = acts * active
+        x_hat = codes @ sae.W_dec + sae.b_dec
+        grad_x_hat = 2 * (x_hat - x) / 12
+        grad_codes = grad_x_hat @ sae.W_dec.t()
+        kernel = ((acts - theta).abs() < eps / 2).double()
+        grad_theta = (grad_codes * -(theta / eps) * kernel).sum(0)
+        grad_theta += 0.7 * (-(1 / eps) * kernel / 12).sum(0)
+        grad_pre = grad_codes * active * (acts > 0)
+    assert kernel.sum() > 0 and active.any() and not active.all()
+    assert rel_err(sae.log_threshold.grad, grad_theta * theta) < 1e-12
+    assert rel_err(sae.b_enc.grad, grad_pre.sum(0)) < 1e-12
+    mse = ((x_hat - x) ** 2).sum(-1).mean()
+    assert float(out.terms["mse"]) == pytest.approx(float(mse), rel=1e-12)
+    assert float(out.terms["l0"]) == pytest.approx(float(active.sum(-1).double().mean()))
+
+
+def test_auxk_against_brute_force():
+    sae = small("topk", aux_coefficient=0.25)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 4, 9, 16, 20, 25, 31]] = True
+    out = sae.loss(x, dead_mask=dead)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        codes = sae.encode(x)
+        x_hat = codes @ sae.W_dec + sae.b_dec
+        residual = x - x_hat
+        recon = torch.zeros_like(x)
+        for n in range(7):
+            dead_pre = sorted(((float(pre[n, j]), j) for j in range(32) if dead[j]), reverse=True)
+            for value, j in dead_pre[:6]:
+                recon[n] += max(value, 0.0) * sae.W_dec[j]
+        aux = ((recon - residual) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
+        mse = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert float(out.terms["aux"]) == pytest.approx(float(aux), rel=1e-12)
+    assert float(out.terms["mse"]) == pytest.approx(float(mse), rel=1e-12)
+    assert float(out.total.detach()) == pytest.approx(float(mse + 0.25 * aux), rel=1e-12)
+    assert float(sae.loss(x, dead_mask=torch.zeros(32, dtype=torch.bool)).terms["aux"]) == 0.0
+
+
+def _relu_sae(dtype: str, l0_offset: float, ghost: bool) -> SAE:
+    torch.manual_seed(3)
+    sae = make_sae(
+        SAEConfig(d_in=16, d_sae=512, dtype=dtype, use_ghost_grads=ghost, l1_coefficient=1e-2)
+    )
+    with torch.no_grad():
+        sae.b_enc.fill_(l0_offset)
+        sae.b_dec.normal_()
+    return sae
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("regime", ["sparse", "dense"])
+@pytest.mark.parametrize("ghost", [False, True])
+def test_relu_sparse_kernels_match_dense_autograd(dtype, tol, regime, ghost):
+    sae = _relu_sae(dtype, -0.8 if regime == "sparse" else 0.0, ghost)
+    if ghost and dtype == "float32":
+        tol = 3e-5  # the elementwise ghost rescaling (factors up to ~1e5) amplifies rounding
+    x = torch.randn(4, 16, 16, dtype=getattr(torch, dtype))
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[[3, 100, 200, 333, 500]] = True
+    with torch.no_grad():
+        d = kernels.density(torch.relu(sae.pre_acts(x)).reshape(-1, 512))
+    assert (d <= kernels.SPARSE_MAX_DENSITY) == (regime == "sparse")
+    out = sae.loss(x, dead_mask=dead)
+    ours = grads(sae, out.total)
+    ref_total, ref_terms = dense_reference(sae, x, dead)
+    ref = grads(sae, ref_total)
+    assert rel_err(out.total.detach(), ref_total.detach()) < tol
+    for key in ("mse", "l1", "ghost"):
+        assert float(out.terms[key]) == pytest.approx(float(ref_terms[key]), rel=tol, abs=1e-30)
+    for name in ref:
+        assert rel_err(ours[name], ref[name]) < tol, name
+    codes = torch.relu(sae.pre_acts(x)).detach()
+    assert torch.equal(out.fire_counts, (codes > 0).reshape(-1, 512).sum(0))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_topk_sparse_kernels_match_dense_autograd(dtype, tol):
+    torch.manual_seed(5)
+    sae = make_sae(SAEConfig(arch="topk", d_in=16, d_sae=512, k=8, aux_k=16, dtype=dtype))
+    x = torch.randn(40, 16, dtype=getattr(torch, dtype))
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::7] = True
+    out = sae.loss(x, dead_mask=dead)
+    ours = grads(sae, out.total)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    values, indices = pre.topk(8, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    x_hat = codes @ sae.W_dec + sae.b_dec
+    residual = (x - x_hat).detach()
+    aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(16, dim=-1)
+    aux_codes = torch.zeros_like(pre).scatter(-1, aux_indices, torch.relu(aux_values))
+    variance = ((residual - residual.mean(0)) ** 2).sum()
+    aux = ((aux_codes @ sae.W_dec - residual) ** 2).sum() / variance
+    mse = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    ref_total = mse + sae.cfg.aux_coefficient * aux
+    ref = grads(sae, ref_total)
+    assert rel_err(out.total.detach(), ref_total.detach()) < tol
+    for name in ref:
+        assert rel_err(ours[name], ref[name]) < tol, name
+
+
+@pytest.mark.parametrize("dense_columns", [0, 3])
+def test_weight_grad_sparse_paths(dense_columns):
+    torch.manual_seed(1)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    grad = torch.randn(64, 300, dtype=torch.float64) * (torch.rand(64, 300) < 0.01)
+    grad[:, 7 : 7 + dense_columns] = torch.randn(64, dense_columns, dtype=torch.float64)
+    assert kernels.density(grad) <= kernels.SPARSE_MAX_DENSITY
+    assert rel_err(kernels.weight_grad(x, grad), x.t() @ grad) < 1e-12
+
+
+@pytest.mark.parametrize("offset", [-2.5, 0.0])
+@pytest.mark.parametrize("use_codes", [False, True])
+def test_relu_decode_gradients(offset, use_codes):
+    torch.manual_seed(2)
+    pre = (torch.randn(64, 200, dtype=torch.float64) + offset).requires_grad_()
+    W_dec = torch.randn(200, 8, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(64, 8, dtype=torch.float64)
+    weights = torch.randn(64, 200, dtype=torch.float64)
+
+    def objective(codes, x_hat):
+        return (x_hat * probe).sum() + (codes * weights).sum() * use_codes
+
+    codes, x_hat, fire_counts = kernels.relu_decode(pre, W_dec, b_dec)
+    ours = torch.autograd.grad(objective(codes, x_hat), (pre, W_dec, b_dec))
+    ref_codes = torch.relu(pre)
+    ref = torch.autograd.grad(objective(ref_codes, ref_codes @ W_dec + b_dec), (pre, W_dec, b_dec))
+    assert (kernels.density(codes) <= kernels.SPARSE_MAX_DENSITY) == (offset < 0)
+    assert torch.equal(fire_counts, (ref_codes > 0).sum(0))
+    assert rel_err(x_hat, ref_codes @ W_dec + b_dec) < 1e-12
+    for a, b in zip(ours, ref, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_kernels_with_nothing_active():
+    x = torch.randn(8, 4, dtype=torch.float64)
+    W_dec = torch.randn(6, 4, dtype=torch.float64)
+    b_dec = torch.randn(4, dtype=torch.float64)
+    pre = (-torch.rand(8, 6, dtype=torch.float64)).requires_grad_()
+    codes, x_hat, fire_counts = kernels.relu_decode(pre, W_dec, b_dec)
+    assert torch.equal(x_hat, b_dec.expand(8, 4)) and not fire_counts.any() and not codes.any()
+    (x_hat.sum() + codes.sum()).backward()
+    assert torch.equal(pre.grad, torch.zeros(8, 6, dtype=torch.float64))
+    assert torch.equal(kernels.decode(torch.zeros(8, 6, dtype=torch.float64), W_dec, b_dec), x_hat)
+    assert not kernels.weight_grad(x, torch.zeros(8, 6, dtype=torch.float64)).any()
+
+
+def test_inference_decode_sparse_equals_dense():
+    sae = small("topk")
+    codes = sae.encode(torch.randn(5, 8, dtype=torch.float64)).detach()
+    codes_big = torch.zeros(5, 32, dtype=torch.float64)
+    codes_big[:, :1] = codes[:, :1]
+    for c in (codes, codes_big):
+        with torch.no_grad():
+            assert rel_err(sae.decode(c), c @ sae.W_dec + sae.b_dec) < 1e-12
+
+
+def test_decoder_constraint_switch():
+    sae = small("relu", normalize_decoder=False)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    before = sae.W_dec.detach().clone()
+    sae.normalize_decoder_()
+    assert torch.equal(sae.W_dec, before)
+    on = small("relu")
+    with torch.no_grad():
+        on.W_dec.mul_(3.0)
+    on.normalize_decoder_()
+    assert torch.allclose(on.W_dec.norm(dim=1), torch.ones(32, dtype=torch.float64))
+    on.loss(torch.randn(3, 8, dtype=torch.float64)).total.backward()
+    on.remove_parallel_grad_()
+    assert (on.W_dec.grad * on.W_dec).sum(1).abs().max() < 1e-12
+
+
+def test_tied_init():
+    sae = small("relu", init="tied")
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32, dtype=torch.float64))
+
+
+golden = pytest.mark.skipif(not GOLDEN.is_file(), reason="needs ../shared/golden")
+
+
+@pytest.mark.shared
+@golden
+def test_golden_init_reproduced():
+    from safetensors.torch import load_file
+
+    g = load_file(GOLDEN)
+    torch.manual_seed(42)
+    sae = make_sae(SAEConfig(d_in=16, d_sae=64, dtype="float64"))
+    assert torch.equal(sae.W_dec, g["ghost.ctor.W_dec"])
+    assert torch.equal(sae.W_enc, g["ghost.init.W_enc"])
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+
+
+@pytest.mark.shared
+@golden
+@pytest.mark.parametrize("case", ["ghost", "noghost", "f32_ghost"])
+def test_golden_step_loss_and_gradients(case):
+    from safetensors.torch import load_file
+
+    g = {k[len(case) + 1 :]: v for k, v in load_file(GOLDEN).items() if k.startswith(case + ".")}
+    tol = 1e-5 if case == "f32_ghost" else 1e-10
+    cfg = SAEConfig(d_in=16, d_sae=64, dtype=str(g["x"].dtype).removeprefix("torch."))
+    sae = make_sae(dataclasses.replace(cfg))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(g[f"init.{name}"])
+        sae.W_dec.copy_(g["fwd.W_dec"])
+    out = sae.loss(g["x"], dead_mask=g["dead_mask"])
+    for key in ("mse", "l1", "ghost", "total"):
+        assert float(out.terms[key]) == pytest.approx(float(g[f"loss.{key}"]), rel=tol, abs=1e-30)
+    assert rel_err(out.x_hat, g["fwd.sae_out"]) < tol
+    assert torch.equal(out.fire_counts.float(), g["act_freq_scores.after"])
+    out.total.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel_err(getattr(sae, name).grad, g[f"grad.{name}"]) < tol, name
+    sae.remove_parallel_grad_()
+    assert rel_err(sae.W_dec.grad, g["grad.W_dec_projected"]) < tol
