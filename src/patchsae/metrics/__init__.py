@@ -1,0 +1,25 @@
+"""SAE quality: reconstruction (FVU, explained variance, L0), firing frequencies, CLIP fidelity."""
+
+from patchsae.metrics.evaluate import FidelitySpec, evaluate
+from patchsae.metrics.fidelity import (
+    DEFAULT_TEMPLATES,
+    FidelityError,
+    build_prompts,
+    downstream_fidelity,
+    zero_shot_classifier,
+)
+from patchsae.metrics.firing import FiringWindow, firing_fractions
+from patchsae.metrics.reconstruction import reconstruction_metrics
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "FidelityError",
+    "FidelitySpec",
+    "FiringWindow",
+    "build_prompts",
+    "downstream_fidelity",
+    "evaluate",
+    "firing_fractions",
+    "reconstruction_metrics",
+    "zero_shot_classifier",
+]

@@ -1,0 +1,128 @@
+"""Token-level firing frequencies of SAE latents and the dead / dense fractions derived from them.
+
+A latent *fires* on a token when its code is > 0. Its frequency is the number of tokens it fired
+on divided by the number of tokens seen: a token-level rate in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+DEAD = 0.0
+ALMOST_DEAD = 1e-7
+DENSE = 1e-2
+
+
+def firing_fractions(
+    freqs_m: torch.Tensor,
+    *,
+    dead: float = DEAD,
+    almost_dead: float = ALMOST_DEAD,
+    dense: float = DENSE,
+) -> dict[str, float]:
+    """Fractions of latents that are dead, almost dead or dense.
+
+    freqs_m: (d_sae,) token-level firing frequencies.
+    Returns ``frac_dead`` (frequency <= dead), ``frac_almost_dead`` (frequency < almost_dead,
+    dead latents included) and ``frac_dense`` (frequency > dense).
+    """
+    if freqs_m.ndim != 1 or freqs_m.numel() == 0:
+        raise ValueError(f"expected a non-empty (d_sae,) frequency vector, got {freqs_m.shape}")
+    return {
+        "frac_dead": (freqs_m <= dead).double().mean().item(),
+        "frac_almost_dead": (freqs_m < almost_dead).double().mean().item(),
+        "frac_dense": (freqs_m > dense).double().mean().item(),
+    }
+
+
+class FiringWindow:
+    """Firing counts over the most recent ``window_tokens`` tokens, kept as per-step chunks.
+
+    Each ``update`` appends one chunk (the step's fire counts and token count). The oldest chunk is
+    dropped as soon as the newer chunks alone cover ``window_tokens`` tokens, so the window always
+    spans at least ``window_tokens`` tokens once that many have been seen (at most one step more).
+    In DDP, all-reduce ``fire_counts`` and ``n_tokens`` over ranks before ``update``.
+    """
+
+    def __init__(self, d_sae: int, window_tokens: int) -> None:
+        if d_sae <= 0:
+            raise ValueError(f"d_sae must be positive, got {d_sae}")
+        if window_tokens <= 0:
+            raise ValueError(f"window_tokens must be positive, got {window_tokens}")
+        self.d_sae = d_sae
+        self.window_tokens = window_tokens
+        self._chunks: deque[tuple[torch.Tensor, int]] = deque()
+        self._counts_m: torch.Tensor | None = None
+        self._n_tokens = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of tokens the window currently spans."""
+        return self._n_tokens
+
+    @property
+    def full(self) -> bool:
+        """Whether the window spans at least ``window_tokens`` tokens."""
+        return self._n_tokens >= self.window_tokens
+
+    def update(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """Add one step: fire_counts (d_sae,) integer firings per latent over n_tokens tokens."""
+        if fire_counts.shape != (self.d_sae,):
+            raise ValueError(
+                f"fire_counts must have shape ({self.d_sae},), got {tuple(fire_counts.shape)}"
+            )
+        if n_tokens <= 0:
+            raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+        counts_m = fire_counts.detach().to(torch.int64)
+        self._chunks.append((counts_m, int(n_tokens)))
+        self._counts_m = counts_m.clone() if self._counts_m is None else self._counts_m + counts_m
+        self._n_tokens += int(n_tokens)
+        while self._n_tokens - self._chunks[0][1] >= self.window_tokens:
+            old_m, old_n = self._chunks.popleft()
+            self._counts_m -= old_m
+            self._n_tokens -= old_n
+
+    def counts(self) -> torch.Tensor:
+        """(d_sae,) int64 firings per latent over the window."""
+        if self._counts_m is None:
+            raise ValueError("the firing window is empty: call update() with a step's counts first")
+        return self._counts_m.clone()
+
+    def frequencies(self) -> torch.Tensor:
+        """(d_sae,) float64 token-level firing frequency of each latent over the window."""
+        return self.counts().double() / self._n_tokens
+
+    def fractions(
+        self, dead: float = DEAD, almost_dead: float = ALMOST_DEAD, dense: float = DENSE
+    ) -> dict[str, float]:
+        """Dead / almost-dead / dense fractions of latents over the window (firing_fractions)."""
+        return firing_fractions(self.frequencies(), dead=dead, almost_dead=almost_dead, dense=dense)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The chunks as tensors (safetensors-ready): counts (k, d_sae) int64, tokens (k,) int64."""
+        if not self._chunks:
+            return {
+                "counts": torch.zeros(0, self.d_sae, dtype=torch.int64),
+                "tokens": torch.zeros(0, dtype=torch.int64),
+            }
+        return {
+            "counts": torch.stack([c.cpu() for c, _ in self._chunks]),
+            "tokens": torch.tensor([n for _, n in self._chunks], dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the chunks saved by ``state_dict`` (replaces the current window)."""
+        counts_km, tokens_k = state["counts"], state["tokens"]
+        if counts_km.ndim != 2 or counts_km.shape[1] != self.d_sae:
+            raise ValueError(
+                f"saved firing counts have shape {tuple(counts_km.shape)}, "
+                f"expected (k, {self.d_sae}): the window belongs to an SAE of another width"
+            )
+        device = self._counts_m.device if self._counts_m is not None else counts_km.device
+        self._chunks.clear()
+        self._counts_m = None
+        self._n_tokens = 0
+        for counts_m, n in zip(counts_km.to(device), tokens_k.tolist(), strict=True):
+            self.update(counts_m, int(n))
