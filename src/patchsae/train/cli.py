@@ -1,0 +1,40 @@
+"""The ``patchsae train`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from patchsae.config import load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from patchsae.train.config import TrainConfig
+    from patchsae.train.trainer import train
+
+    out = train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume)
+    print(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The run is complete, written and its process group destroyed. A gloo worker thread can
+        # still be freeing a finished job when the interpreter shuts down, which aborts the
+        # process (std::terminate) and makes torchrun report a failed rank; end at once instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train CONFIG [key=value ...] [--resume]``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train sparse autoencoders on stored or streamed activations",
+        description="Train one SAE (or a sweep of SAEs side by side) from a YAML config.",
+    )
+    p.add_argument("config", help="YAML file of TrainConfig options (see configs/patchsae.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. lr=1e-4")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in out="
+    )
+    p.set_defaults(func=_run)

@@ -1,0 +1,131 @@
+"""The trainer's options: one frozen dataclass, loadable from YAML with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from patchsae.config import ConfigError, from_dict, to_dict
+from patchsae.data.images import DataConfig
+from patchsae.sae.config import SAEConfig
+
+BDecInit = Literal["geometric_median_images", "geometric_median_tokens", "mean", "zeros"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one SAE, or several side by side (``sweep``), on one activation stream.
+
+    The source is ``store`` (an activation store folder) when set; ``model``, if also set, must
+    then be the backbone the store was extracted from, and ``data`` is unused. Without ``store``,
+    activations are computed on the fly by ``model`` on the images of ``data`` (streaming). The
+    defaults are the PatchSAE recipe; ``configs/patchsae.yaml`` spells it out.
+    """
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    store: str | None = None
+    model: str | None = None
+    data: DataConfig | None = None
+    layer: int | None = None
+    extract_batch_size: int = 64
+    shuffle_buffer_images: int = 1024
+    batch_mode: Literal["images", "tokens"] = "images"
+    batch_images: int = 128
+    batch_tokens: int = 4096
+    window_images: int = 64
+    tokens: Literal["all", "cls", "patches"] = "all"
+    total_images: int | None = 2_621_440
+    total_tokens: int | None = None
+    lr: float = 4e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 500
+    b_dec_init: BDecInit = "geometric_median_images"
+    b_dec_init_maxiter: int = 100
+    dead_feature_window: int = 64
+    seed: int = 42
+    out: str = "runs/patchsae"
+    checkpoint_every: int = 1000
+    eval_every: int = 1000
+    eval_images: int = 0
+    eval_batch_images: int = 32
+    log_every: int = 10
+    wandb_project: str | None = None
+    device: str = "cpu"
+    sweep: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.store is None and self.model is None:
+            raise ConfigError(
+                "set a source: store=DIR (an activation store) or model=NAME with "
+                "data.source=IMAGES (streaming)"
+            )
+        if self.store is None and self.data is None:
+            raise ConfigError("streaming from model= needs data.source=IMAGES too (or store=DIR)")
+        if self.total_images is None and self.total_tokens is None:
+            raise ConfigError("set total_images or total_tokens (or both) to bound the run")
+        positive = {
+            "batch_images": self.batch_images,
+            "batch_tokens": self.batch_tokens,
+            "window_images": self.window_images,
+            "extract_batch_size": self.extract_batch_size,
+            "shuffle_buffer_images": self.shuffle_buffer_images,
+            "checkpoint_every": self.checkpoint_every,
+            "eval_every": self.eval_every,
+            "eval_batch_images": self.eval_batch_images,
+            "log_every": self.log_every,
+            "warmup_steps": self.warmup_steps,
+            "b_dec_init_maxiter": self.b_dec_init_maxiter,
+            "total_images": self.total_images or 1,
+            "total_tokens": self.total_tokens or 1,
+        }
+        bad = [k for k, v in positive.items() if v <= 0]
+        if bad:
+            raise ConfigError(f"{bad} must be positive integers")
+        if self.eval_images < 0 or self.dead_feature_window < 0:
+            raise ConfigError("eval_images and dead_feature_window must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.batch_mode == "tokens" and self.b_dec_init == "geometric_median_images":
+            raise ConfigError(
+                "b_dec_init=geometric_median_images needs whole images: use batch_mode=images, "
+                "or b_dec_init=geometric_median_tokens with batch_mode=tokens"
+            )
+        self.sae_configs()
+
+    def sae_configs(self) -> list[SAEConfig]:
+        """The SAE configs to train: ``sae`` alone, or ``sae`` merged with each sweep entry."""
+        if not self.sweep:
+            return [self.sae]
+        base = to_dict(self.sae)
+        return [
+            from_dict(SAEConfig, {**base, **entry}, prefix=f"sweep[{i}].")
+            for i, entry in enumerate(self.sweep)
+        ]
+
+    def member_names(self) -> list[str]:
+        """Output subfolder of each SAE: ``""`` (the run folder) alone, ``sae-00``... in a sweep."""
+        if not self.sweep:
+            return [""]
+        return [f"sae-{i:02d}" for i in range(len(self.sweep))]
+
+
+# Keys that may change between a run and its resumption: they do not touch the maths.
+RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` configs (ignoring RESUMABLE_KEYS)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "sweep":
+                items.update(flat(v, f"{prefix}{k}."))
+            else:
+                items[prefix + k] = v
+        return items
+
+    a, b = flat(saved), flat(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]

@@ -1,0 +1,411 @@
+"""The training loop: the PatchSAE step for one SAE, or several side by side on the same batches.
+
+One step per SAE, in the original's order (``SAETrainer._train_step``):
+
+1. ``normalize_decoder_()`` (unit W_dec rows at the start of the step);
+2. dead mask from the steps-since-fired counters of earlier steps (``> dead_feature_window``);
+3. ``loss(x, dead_mask=...)``;
+4. counters += 1, reset where the latent fired (fire counts summed over DDP ranks first);
+5. ``total.backward()``, gradients averaged over ranks, ``remove_parallel_grad_()``;
+6. Adam step at ``lr * warmup_factor(step, warmup_steps)`` (the schedule of step ``step``).
+
+Output folder (``cfg.out``): ``train_config.json``; per SAE (the folder itself, or ``sae-00``...
+in a sweep) ``metrics.jsonl`` and, at the end, ``sae.safetensors`` + ``cfg.json``;
+``checkpoint/`` (see ``patchsae.train.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from patchsae.config import ConfigError, to_dict
+from patchsae.data.images import write_bad_report
+from patchsae.metrics.firing import FiringWindow
+from patchsae.metrics.reconstruction import reconstruction_metrics
+from patchsae.sae.geometric_median import init_b_dec
+from patchsae.sae.io import load, save
+from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
+from patchsae.sae.registry import make_sae
+from patchsae.train import ddp
+from patchsae.train.checkpoint import (
+    find_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    read_checkpoint,
+    restore_rng,
+    rng_tensors,
+    write_checkpoint,
+    write_json_atomic,
+)
+from patchsae.train.config import TrainConfig, config_differences
+from patchsae.train.sources import open_source
+
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(ValueError):
+    """Training cannot start or go on (non-finite values, an output folder clash...)."""
+
+
+@dataclass
+class Member:
+    """One SAE of the run, with its own optimiser, dead-latent counters and output folder."""
+
+    name: str
+    sae: Any
+    opt: torch.optim.Adam
+    counters: torch.Tensor
+    firing: FiringWindow
+    out_dir: Path
+
+    @property
+    def ckpt_name(self) -> str:
+        return self.name or "sae"
+
+    @property
+    def label(self) -> str:
+        return f" (SAE {self.name})" if self.name else ""
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    return cfg.lr * warmup_factor(step, cfg.warmup_steps)
+
+
+def plan_steps(cfg: TrainConfig, tokens_per_image: int) -> int:
+    """Number of steps to reach ``total_images`` or ``total_tokens``, whichever comes first."""
+    if cfg.batch_mode == "images":
+        images_per_step, tokens_per_step = cfg.batch_images, cfg.batch_images * tokens_per_image
+    else:
+        images_per_step, tokens_per_step = cfg.batch_tokens / tokens_per_image, cfg.batch_tokens
+    limits = []
+    if cfg.total_images is not None:
+        limits.append(math.ceil(cfg.total_images / images_per_step))
+    if cfg.total_tokens is not None:
+        limits.append(math.ceil(cfg.total_tokens / tokens_per_step))
+    return max(1, min(limits))
+
+
+def _check_compatible(cfg: TrainConfig, source: Any) -> None:
+    for i, sae_cfg in enumerate(cfg.sae_configs()):
+        where = f"sweep[{i}]" if cfg.sweep else "sae"
+        if sae_cfg.d_in != source.d_model:
+            raise ConfigError(
+                f"{where}.d_in={sae_cfg.d_in} but the activations have width {source.d_model}: "
+                f"set sae.d_in={source.d_model}"
+            )
+        cls_first = cfg.tokens == "all" and source.layout.cls_index == 0
+        if sae_cfg.mse_cls_coefficient != 1.0 and not (cfg.batch_mode == "images" and cls_first):
+            raise ConfigError(
+                f"{where}.mse_cls_coefficient weights token 0 as CLS, which needs "
+                "batch_mode=images, tokens=all and a backbone with CLS at index 0; set it to 1.0"
+            )
+
+
+def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int) -> list[Member]:
+    out = Path(cfg.out)
+    members = []
+    for name, sae_cfg in zip(cfg.member_names(), cfg.sae_configs(), strict=True):
+        torch.manual_seed(cfg.seed)
+        sae = make_sae(sae_cfg).to(device)
+        opt = torch.optim.Adam(
+            sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps
+        )
+        counters = torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device)
+        window = FiringWindow(sae_cfg.d_sae, max(1, cfg.dead_feature_window) * tokens_per_step)
+        members.append(Member(name, sae, opt, counters, window, out / name if name else out))
+    return members
+
+
+def _sae_dtype(sae: Any) -> torch.dtype:
+    return next(sae.parameters()).dtype
+
+
+@torch.no_grad()
+def _init_b_dec(
+    cfg: TrainConfig, members: list[Member], x_first: torch.Tensor, d: ddp.Dist
+) -> None:
+    """Set every SAE's b_dec from the first global batch (computed on rank 0, broadcast)."""
+    cache: dict[torch.dtype, torch.Tensor] = {}
+    for m in members:
+        dtype = _sae_dtype(m.sae)
+        if dtype not in cache:
+            b_dec = torch.zeros_like(m.sae.b_dec)
+            if d.is_main:
+                x = x_first.to(m.sae.b_dec.device, dtype)
+                b_dec = init_b_dec(x, cfg.b_dec_init, maxiter=cfg.b_dec_init_maxiter)
+            cache[dtype] = ddp.broadcast_(b_dec.contiguous(), d)
+        m.sae.b_dec.copy_(cache[dtype])
+
+
+def _step(cfg: TrainConfig, m: Member, x: torch.Tensor, step: int, d: ddp.Dist) -> dict[str, float]:
+    """One training step of one SAE on this rank's slice ``x``; returns its log values."""
+    sae = m.sae
+    sae.train()
+    m.opt.zero_grad(set_to_none=True)
+    sae.normalize_decoder_()
+    dead = dead_latents(m.counters, cfg.dead_feature_window)
+    out = sae.loss(x.to(_sae_dtype(sae)), dead_mask=dead)
+    names = sorted(out.terms)
+    stats = torch.stack([out.total.detach(), *(out.terms[k].detach() for k in names)]).double()
+    stats = ddp.all_reduce_sum_(stats, d) / d.world_size
+    if not torch.isfinite(stats).all():
+        values = ", ".join(
+            f"{k}={v:.4g}" for k, v in zip(["total", *names], stats.tolist(), strict=True)
+        )
+        raise TrainingError(
+            f"non-finite loss at step {step}{m.label}: {values}. The run stopped; the last "
+            "checkpoint is intact. Lower lr or check the activations, then --resume"
+        )
+    fire = ddp.all_reduce_sum_(out.fire_counts.detach().to(torch.int64).clone(), d)
+    update_dead_counters(m.counters, fire)
+    n_tokens = x.numel() // x.shape[-1] * d.world_size
+    m.firing.update(fire, n_tokens)
+    out.total.backward()
+    ddp.average_gradients_(sae, d)
+    sae.remove_parallel_grad_()
+    lr = lr_at(cfg, step)
+    for group in m.opt.param_groups:
+        group["lr"] = lr
+    m.opt.step()
+    record = {"lr": lr, "loss": stats[0].item()}
+    record.update({k: v for k, v in zip(names, stats[1:].tolist(), strict=True)})
+    record["l0"] = fire.sum().item() / n_tokens
+    record["n_dead_mask"] = int(dead.sum().item())
+    return record
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, keep_until: int | None) -> None:
+    """Drop metrics lines of steps after ``keep_until`` (all lines when None), atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [
+        ln
+        for ln in lines
+        if ln.strip() and keep_until is not None and json.loads(ln)["step"] <= keep_until
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    tmp.replace(path)
+
+
+class _Logger:
+    """metrics.jsonl per SAE, and W&B when ``wandb_project`` is set (rank 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, members: list[Member], enabled: bool) -> None:
+        self.members, self.enabled, self.run = members, enabled, None
+        if enabled and cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "wandb_project is set but wandb is not installed: pip install wandb, "
+                    "or unset wandb_project"
+                ) from None
+            self.run = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=cfg.out)
+
+    def log(self, m: Member, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        _append_jsonl(m.out_dir / METRICS, record)
+        if self.run is not None:
+            prefix = f"{m.name}/" if m.name else ""
+            self.run.log({prefix + k: v for k, v in record.items()}, step=record["step"])
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _prepare_out(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Check the output folder against ``resume``; the checkpoint state to resume from, if any."""
+    out = Path(cfg.out)
+    ckpt = find_checkpoint(out)
+    started = (out / TRAIN_CONFIG).is_file()
+    if not resume:
+        if ckpt is not None or started:
+            raise TrainingError(
+                f"{out} already holds a training run; pass --resume to continue it, or choose "
+                "another out="
+            )
+        return None
+    if ckpt is None:
+        saved = json.loads((out / TRAIN_CONFIG).read_text())["config"] if started else None
+        state = None
+    else:
+        state, tensors = read_checkpoint(ckpt)
+        state["tensors"], state["path"] = tensors, ckpt
+        saved = state["config"]
+    if saved is not None:
+        diff = config_differences(saved, to_dict(cfg))
+        if diff:
+            raise TrainingError(
+                f"cannot resume {out}: the config differs from the saved run in {diff}; "
+                "use the saved values or start a new run with another out="
+            )
+    return state
+
+
+def _restore(state: dict[str, Any], members: list[Member]) -> None:
+    tensors = state["tensors"]
+    for m in members:
+        n = m.ckpt_name
+        loaded = load(state["path"] / n)
+        m.sae.load_state_dict(loaded.state_dict())
+        load_optimizer(m.opt, tensors, state["members"][n]["param_groups"], n)
+        m.counters.copy_(tensors[f"{n}.counters"])
+        m.firing.load_state_dict(
+            {"counts": tensors[f"{n}.firing.counts"], "tokens": tensors[f"{n}.firing.tokens"]}
+        )
+    restore_rng(tensors)
+
+
+def _checkpoint(
+    cfg: TrainConfig, members: list[Member], progress: dict[str, Any], source: Any
+) -> None:
+    tensors = rng_tensors()
+    meta = {}
+    for m in members:
+        n = m.ckpt_name
+        opt_tensors, groups = optimizer_tensors(m.opt, n)
+        tensors.update(opt_tensors)
+        tensors[f"{n}.counters"] = m.counters.cpu().clone()
+        for key, value in m.firing.state_dict().items():
+            tensors[f"{n}.firing.{key}"] = value.cpu().contiguous()
+        meta[n] = {"param_groups": groups, "sae": to_dict(m.sae.cfg)}
+    state = {
+        **progress,
+        "lr_next": lr_at(cfg, progress["step"]),
+        "members": meta,
+        "source": source.describe(),
+        "config": to_dict(cfg),
+    }
+    write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
+
+
+def _evaluate(members: list[Member], source: Any, progress: dict, log: _Logger) -> None:
+    for m in members:
+        metrics = reconstruction_metrics(
+            m.sae,
+            source.eval_batches(),
+            source.eval_layout,
+            device=m.counters.device,
+            progress=False,
+        )
+        record = {k: progress[k] for k in ("step", "images", "tokens")}
+        record.update({f"eval/{k}": v for k, v in metrics.items()})
+        log.log(m, record)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train the SAE(s) of ``cfg``; returns the output folder.
+
+    ``resume=True`` continues from the latest checkpoint in ``cfg.out`` (from scratch when there
+    is none), refusing a config that differs from the saved one. Under ``torchrun`` each process
+    trains on its slice of every global batch; only rank 0 writes.
+    """
+    d = ddp.setup(cfg.device)
+    clean = False
+    try:
+        out = _train(cfg, resume, d)
+        clean = True
+        return out
+    finally:
+        ddp.teardown(d, clean)
+
+
+def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
+    out = Path(cfg.out)
+    source = open_source(cfg, d.device)
+    _check_compatible(cfg, source)
+    tpi = source.tokens_per_image
+    if cfg.batch_mode == "images":
+        d.slice(cfg.batch_images)
+        tokens_per_step = cfg.batch_images * tpi
+    else:
+        d.slice(cfg.batch_tokens)
+        tokens_per_step = cfg.batch_tokens
+    n_steps = plan_steps(cfg, tpi)
+    members = _build_members(cfg, d.device, tokens_per_step)
+    state = _prepare_out(cfg, resume)
+    ddp.barrier(d)
+    if d.is_main:
+        for m in members:
+            m.out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
+        if not (out / TRAIN_CONFIG).is_file():
+            write_json_atomic(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
+    log = _Logger(cfg, members, d.is_main)
+    if state is None:
+        progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
+    else:
+        _restore(state, members)
+        progress = {k: state[k] for k in ("step", "images", "tokens", "data_position")}
+    batches = source.batches(progress["data_position"])
+    if progress["step"] == 0:
+        first = next(batches)
+        _init_b_dec(cfg, members, first[0], d)
+        batches = itertools.chain([first], batches)
+        if cfg.eval_images:
+            _evaluate(members, source, progress, log)
+    bar = tqdm(
+        total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
+    )
+    t0, tokens0 = time.perf_counter(), progress["tokens"]
+    try:
+        while progress["step"] < n_steps:
+            x_global, position = next(batches)
+            x = x_global[d.slice(x_global.shape[0])].to(d.device)
+            step = progress["step"]
+            bad = ddp.all_reduce_sum_(torch.tensor([float(not torch.isfinite(x).all())]), d)
+            if bad.item():
+                raise TrainingError(
+                    f"non-finite activations in the batch of step {step}: the activation source "
+                    "holds NaN/Inf values. The run stopped; the last checkpoint is intact"
+                )
+            records = [_step(cfg, m, x, step, d) for m in members]
+            n_tokens = x_global.numel() // x_global.shape[-1]
+            progress["step"] = step + 1
+            progress["tokens"] += n_tokens
+            progress["images"] += (
+                x_global.shape[0] if cfg.batch_mode == "images" else n_tokens / tpi
+            )
+            progress["data_position"] = position
+            rate = (progress["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}")
+            done = progress["step"] == n_steps
+            if progress["step"] % cfg.log_every == 0 or done:
+                for m, record in zip(members, records, strict=True):
+                    head = {k: progress[k] for k in ("step", "images", "tokens")}
+                    log.log(m, {**head, **record, **m.firing.fractions(), "tokens_per_s": rate})
+            if cfg.eval_images and (progress["step"] % cfg.eval_every == 0 or done):
+                _evaluate(members, source, progress, log)
+            if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
+                _checkpoint(cfg, members, progress, source)
+    finally:
+        bar.close()
+        log.close()
+    if d.is_main:
+        for m in members:
+            save(m.sae, m.out_dir, extra={k: progress[k] for k in ("step", "images", "tokens")})
+        bad_records = getattr(source, "bad", [])
+        if bad_records:
+            write_bad_report(bad_records, out / "bad_images.json")
+    return out

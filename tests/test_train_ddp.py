@@ -1,0 +1,63 @@
+"""Two gloo processes on CPU train the same weights as one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from patchsae.config import to_dict
+from patchsae.train import train
+from test_train import config, make_store, metrics, tiny_acts, weights
+
+torch.set_num_threads(1)
+TIMEOUT_S = 180
+
+
+def torchrun(cfg_file: Path, nproc: int) -> None:
+    """``patchsae train cfg_file`` under torchrun with ``nproc`` gloo processes on CPU.
+
+    ``--standalone`` lets the launcher bind its own free port and host the rendezvous store, so
+    no port is guessed and the store outlives every worker. On failure or timeout the launcher's
+    output (both ranks' tracebacks and exit codes) is in the assertion message.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "patchsae", "train", str(cfg_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"torchrun did not finish in {TIMEOUT_S} s:\n{err.stderr}") from None
+    assert proc.returncode == 0, f"torchrun exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
+def test_two_processes_equal_one_process(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store", tiny_acts())
+    # float64: a large lr kills latents fast (ghost grads on), and Adam's first steps are
+    # ~lr * sign(g), which would amplify float32 summation-order noise on near-zero gradients.
+    sae = {"d_in": 16, "d_sae": 32, "l1_coefficient": 1.0, "use_ghost_grads": True}
+    sae["dtype"] = "float64"
+    settings = {"sae": sae, "lr": 0.1, "warmup_steps": 1, "dead_feature_window": 0}
+    cfg = config(store, tmp_path / "ddp", total_images=40, checkpoint_every=4, **settings)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    torchrun(cfg_file, 2)
+    single = train(
+        config(store, tmp_path / "single", total_images=40, checkpoint_every=4, **settings)
+    )
+    rows = [r for r in metrics(tmp_path / "ddp") if "lr" in r]
+    assert any(r["ghost"] > 0 for r in rows), "no dead latents: the ghost path went untested"
+    single_rows = [r for r in metrics(single) if "lr" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in single_rows] == list(range(1, 11))
+    for a, b in zip(rows, single_rows, strict=True):
+        assert a["l0"] == b["l0"] and abs(a["loss"] - b["loss"]) <= 1e-9 * abs(b["loss"])
+    a, b = weights(tmp_path / "ddp"), weights(single)
+    for k in b:
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= 1e-5, f"{k} differs by {diff}"
