@@ -347,6 +347,19 @@ def test_token_layout_round_trip_and_validation():
         TokenLayout.from_dict({"n_tokens": 17, "grid": [4, 4]})
 
 
+def test_token_layout_positions_by_mode():
+    layout = TokenLayout(n_tokens=21, cls_index=0, patch_start=5, grid=(4, 4), extra_indices=(1, 2))
+    seq = list(range(21))
+    assert seq[layout.positions("all")] == seq
+    assert seq[layout.positions("cls")] == [0]
+    assert seq[layout.positions("patches")] == list(range(5, 21))
+    no_cls = TokenLayout(n_tokens=16, cls_index=None, patch_start=0, grid=(4, 4))
+    with pytest.raises(BackboneError, match="no CLS token"):
+        no_cls.positions("cls")
+    with pytest.raises(BackboneError, match="tokens must be"):
+        layout.positions("registers")
+
+
 def test_unknown_model_type_and_bad_paths(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(BackboneError, match=r"'bert' is not supported.*clip.*dinov2.*siglip.*vit"):

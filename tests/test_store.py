@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchsae.backbones import TokenLayout
+from patchsae.backbones import BackboneError, TokenLayout
 from patchsae.data.loaders import image_batches_from_store, token_batches
 from patchsae.data.store import FORMAT_VERSION, ActivationStore, StoreError, StoreWriter
 
@@ -233,7 +233,7 @@ def test_token_modes_and_image_range(coded_store: ActivationStore) -> None:
     assert sorted(set(held[:, 0].astype(int).tolist())) == list(range(5, 12))
     dropped = list(token_batches(coded_store, 50, seed=0, epochs=1))
     assert len(dropped) == (23 * 5) // 50
-    with pytest.raises(StoreError, match="tokens must be"):
+    with pytest.raises(BackboneError, match="tokens must be"):
         next(token_batches(coded_store, 5, seed=0, tokens="registers"))
     with pytest.raises(StoreError, match="image range"):
         next(token_batches(coded_store, 5, seed=0, start=20, stop=30))

@@ -52,6 +52,20 @@ class TokenLayout:
     def patch_indices(self) -> range:
         return range(self.patch_start, self.patch_start + self.n_patches)
 
+    def positions(self, tokens: str) -> slice:
+        """Positions kept by a token mode: ``all``, ``cls`` (the CLS token) or ``patches``."""
+        if tokens == "all":
+            return slice(0, self.n_tokens)
+        if tokens == "cls":
+            if self.cls_index is None:
+                raise BackboneError(
+                    "tokens='cls', but this backbone has no CLS token; use 'all' or 'patches'"
+                )
+            return slice(self.cls_index, self.cls_index + 1)
+        if tokens == "patches":
+            return slice(self.patch_start, self.patch_start + self.n_patches)
+        raise BackboneError(f"tokens must be 'all', 'cls' or 'patches', got {tokens!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
         return {

@@ -41,20 +41,6 @@ def _epoch_order(n: int, seed: int | None, epoch: int) -> np.ndarray:
     return _rng(seed, epoch).permutation(n).astype(np.int64)
 
 
-def _token_slice(store: ActivationStore, tokens: str) -> slice:
-    layout = store.token_layout
-    if tokens == "all":
-        return slice(0, store.n_tokens)
-    if tokens == "cls":
-        if layout.cls_index is None:
-            raise StoreError("this backbone has no CLS token; use tokens='all' or 'patches'")
-        return slice(layout.cls_index, layout.cls_index + 1)
-    if tokens == "patches":
-        patches = layout.patch_indices
-        return slice(patches.start, patches.stop)
-    raise StoreError(f"tokens must be 'all', 'cls' or 'patches', got {tokens!r}")
-
-
 def token_batches(
     store: ActivationStore,
     batch_size: int,
@@ -84,7 +70,7 @@ def token_batches(
         raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
     start, stop = _image_range(store, start, stop)
     layer = store.resolve_layer(layer)
-    token_sel = _token_slice(store, tokens)
+    token_sel = store.token_layout.positions(tokens)
     n_images = stop - start
     per_image = token_sel.stop - token_sel.start
     per_window = window_images * per_image
