@@ -32,17 +32,6 @@ class SourceError(ValueError):
     """The configured source cannot feed this training run."""
 
 
-def token_positions(layout: TokenLayout, tokens: str) -> slice:
-    """Positions kept by ``tokens``: every one, the CLS token, or the patch tokens."""
-    if tokens == "all":
-        return slice(0, layout.n_tokens)
-    if tokens == "cls":
-        if layout.cls_index is None:
-            raise SourceError("tokens=cls, but this backbone has no CLS token; use all or patches")
-        return slice(layout.cls_index, layout.cls_index + 1)
-    return slice(layout.patch_indices.start, layout.patch_indices.stop)
-
-
 def selected_layout(layout: TokenLayout, tokens: str) -> TokenLayout | None:
     """Layout of the tokens kept by ``tokens`` (None for ``cls``: a single token, no patches)."""
     if tokens == "all":
@@ -66,7 +55,7 @@ class Source:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.positions = token_positions(self.layout, cfg.tokens)
+        self.positions = self.layout.positions(cfg.tokens)
         self.eval_layout = selected_layout(self.layout, cfg.tokens)
         self.tokens_per_image = self.positions.stop - self.positions.start
         self.n_train = self.n_images - cfg.eval_images
@@ -189,6 +178,7 @@ class StreamSource(Source):
         self.d_model = self.backbone.d_model
         self.n_images = len(self.images)
         self.bad: list[BadRecord] = []
+        self._bad_ids: set[int] = set()
         super().__init__(cfg)
 
     def start_position(self) -> dict[str, Any]:
@@ -196,13 +186,19 @@ class StreamSource(Source):
 
     @torch.no_grad()
     def _encode(self, ids: np.ndarray) -> torch.Tensor:
-        """(n_good, T_sel, D) float32 CPU activations of images ``ids``, bad images dropped."""
+        """(n_good, T_sel, D) float32 CPU activations of images ``ids``, bad images dropped.
+
+        Each bad image is recorded once in ``bad``, however often its window is recomputed.
+        """
         parts = []
         batches = image_batches(
             self.images, ids, self.backbone.preprocessor, self.cfg.extract_batch_size
         )
         for batch in tqdm(batches, desc="activations", unit="batch", leave=False):
-            self.bad.extend(batch.bad)
+            for record in batch.bad:
+                if record.example_id not in self._bad_ids:
+                    self._bad_ids.add(record.example_id)
+                    self.bad.append(record)
             if len(batch.example_ids):
                 pixels = batch.pixel_values.to(self.backbone.device, self.backbone.dtype)
                 acts = self.backbone.encode(pixels, self.layer_index)

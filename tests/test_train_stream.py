@@ -1,0 +1,302 @@
+"""Streaming training: batch order against extracted activations, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from patchsae.config import ConfigError, from_dict, to_dict
+from patchsae.data.images import DataConfig, shuffled_order
+from patchsae.data.store import ActivationStore
+from patchsae.extract import ExtractConfig, extract
+from patchsae.train import TrainConfig, train
+from patchsae.train import trainer as trainer_module
+from patchsae.train.sources import SourceError, StreamSource, epoch_seed
+
+torch.set_num_threads(1)
+N_IMAGES, EVAL, T, D = 14, 2, 5, 16
+N_TRAIN = N_IMAGES - EVAL
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-block ViT (width 16, 16 px, patch 8: CLS + 4 patches) saved with save_pretrained."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tinyvit")
+    cfg = ViTConfig(
+        hidden_size=D,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def make_folder(root: Path, broken: tuple[str, ...] = ()) -> Path:
+    """ImageFolder of N_IMAGES random RGB PNGs (classes a/ and b/), ``broken`` files unreadable."""
+    rng = np.random.default_rng(0)
+    for k in range(N_IMAGES):
+        path = root / "ab"[k % 2] / f"{k:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16 + k % 5, 20, 3), dtype=np.uint8)).save(path)
+    for name in broken:
+        (root / name).write_bytes(b"not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """(N_IMAGES, T, D) activations after the last block, by ``patchsae extract``, source order."""
+    out = tmp_path_factory.mktemp("store") / "s"
+    cfg = ExtractConfig(
+        model=str(model),
+        data=DataConfig(source=str(images)),
+        layers=(-1,),
+        out=str(out),
+        batch_size=2,
+        shard_images=4,
+        num_workers=0,
+        dtype="fp32",
+    )
+    store = ActivationStore.open(extract(cfg))
+    np.testing.assert_array_equal(store.example_ids, np.arange(N_IMAGES))
+    return np.stack([store.get(i, 1) for i in range(N_IMAGES)])
+
+
+def config(model: Path, images: Path, out: Path, **overrides) -> TrainConfig:
+    data = {
+        "model": str(model),
+        "data": {"source": str(images)},
+        "layer": -1,
+        "out": str(out),
+        "sae": {"d_in": D, "d_sae": 32},
+        "batch_images": 3,
+        "shuffle_buffer_images": 5,
+        "extract_batch_size": 2,
+        "eval_images": EVAL,
+        "eval_every": 100,
+        "total_images": 36,
+        "warmup_steps": 3,
+        "dead_feature_window": 2,
+        "checkpoint_every": 3,
+        "log_every": 1,
+        "b_dec_init_maxiter": 10,
+        "seed": 0,
+        "lr": 1e-2,
+    }
+    data.update(overrides)
+    return from_dict(TrainConfig, data)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae.safetensors"))
+
+
+def metrics(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def identify(acts_btd: torch.Tensor, reference: np.ndarray) -> list[int]:
+    """Source index of each streamed image, matched to the extracted activations."""
+    ids = []
+    for x in acts_btd.numpy():
+        dist = np.abs(reference - x).max(axis=(1, 2))
+        best = int(dist.argmin())
+        assert dist[best] <= 1e-5, f"streamed image matches no extracted one ({dist[best]})"
+        assert np.partition(dist, 1)[1] > 1e-2, "two extracted images are indistinguishable"
+        ids.append(best)
+    return ids
+
+
+def test_images_stream_follows_the_seeded_epoch_order(
+    model: Path, images: Path, reference: np.ndarray, tmp_path: Path
+) -> None:
+    source = StreamSource(config(model, images, tmp_path / "run"), torch.device("cpu"))
+    assert (source.n_train, source.tokens_per_image, source.d_model) == (N_TRAIN, T, D)
+    stream = source.batches(source.start_position())
+    seen, positions = [], []
+    for _ in range(3 * N_TRAIN // 3):
+        x, position = next(stream)
+        assert x.shape == (3, T, D) and x.dtype == torch.float32
+        seen += identify(x, reference)
+        positions.append(position)
+    epochs = [seen[e * N_TRAIN : (e + 1) * N_TRAIN] for e in range(3)]
+    for e, order in enumerate(epochs):
+        assert sorted(order) == list(range(N_TRAIN)), "an epoch must visit each training image once"
+        np.testing.assert_array_equal(order, shuffled_order(N_TRAIN, epoch_seed(0, e)))
+    assert epochs[0] != epochs[1] != epochs[2]
+    # 5-image windows: after 3 batches 9 images are done = window 1, offset 4.
+    assert positions[2] == {"epoch": 0, "window": 1, "offset": 4}
+    resumed, _ = next(source.batches(positions[6]))
+    assert identify(resumed, reference) == seen[21:24]
+
+    held_out = torch.cat(list(source.eval_batches()))
+    np.testing.assert_allclose(held_out.numpy(), reference[N_TRAIN:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", ["all", "patches"])
+def test_tokens_stream_shuffles_within_each_window(
+    model: Path, images: Path, reference: np.ndarray, tmp_path: Path, tokens: str
+) -> None:
+    cfg = config(
+        model,
+        images,
+        tmp_path / "run",
+        batch_mode="tokens",
+        batch_tokens=7,
+        tokens=tokens,
+        b_dec_init="geometric_median_tokens",
+    )
+    source = StreamSource(cfg, torch.device("cpu"))
+    keep = slice(0, T) if tokens == "all" else slice(1, T)
+    per_image = keep.stop - keep.start
+    expected = []
+    for epoch in range(2):
+        order = shuffled_order(N_TRAIN, epoch_seed(0, epoch))
+        for w, lo in enumerate(range(0, N_TRAIN, 5)):
+            window = reference[order[lo : lo + 5], keep].reshape(-1, D)
+            gen = np.random.Generator(np.random.PCG64(epoch_seed(0, epoch, w)))
+            expected.append(window[gen.permutation(len(window))])
+    expected_nd = np.concatenate(expected)
+    stream = source.batches(source.start_position())
+    n_batches = len(expected_nd) // 7
+    got = torch.cat([next(stream)[0] for _ in range(n_batches)]).numpy()
+    assert got.shape == (n_batches * 7, D)
+    np.testing.assert_allclose(got, expected_nd[: n_batches * 7], atol=1e-5, rtol=0)
+    assert n_batches * 7 > 2 * N_TRAIN * per_image - 7, "the stream must cross into epoch 1"
+
+
+def test_streaming_training_is_deterministic_by_seed(
+    model: Path, images: Path, tmp_path: Path
+) -> None:
+    a = train(config(model, images, tmp_path / "a", total_images=18))
+    b = train(config(model, images, tmp_path / "b", total_images=18))
+    c = train(config(model, images, tmp_path / "c", total_images=18, seed=1))
+    assert max_diff(weights(a), weights(b)) == 0.0
+    assert metrics(a) == metrics(b)
+    assert not torch.equal(weights(a)["W_enc"], weights(c)["W_enc"])
+    assert [r["step"] for r in metrics(a) if "eval/fvu" in r] == [0, 6]
+    train_rows = [r for r in metrics(a) if "lr" in r]
+    assert [r["images"] for r in train_rows] == [3 * s for s in range(1, 7)]
+    assert all(r["tokens"] == T * r["images"] for r in train_rows)
+
+
+class Interrupted(Exception):
+    """Stands for the process dying in the middle of a step."""
+
+
+@pytest.mark.parametrize("mode", ["images", "tokens"])
+def test_resume_from_a_mid_window_checkpoint_equals_a_straight_run(
+    model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    extra = {}
+    if mode == "tokens":
+        extra = {"batch_mode": "tokens", "batch_tokens": 7, "b_dec_init": "geometric_median_tokens"}
+        extra |= {"total_images": None, "total_tokens": 84}
+    cfg = config(model, images, tmp_path / "cut", **extra)
+    original_step = trainer_module._step
+
+    def dying_step(cfg_, m, x, step, d):
+        if step == 8:
+            raise Interrupted
+        return original_step(cfg_, m, x, step, d)
+
+    monkeypatch.setattr(trainer_module, "_step", dying_step)
+    with pytest.raises(Interrupted):
+        train(cfg)
+    monkeypatch.setattr(trainer_module, "_step", original_step)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    position = state["data_position"]
+    assert position["offset"] > 0, f"the checkpoint is not mid-window: {position}"
+    assert max(r["step"] for r in metrics(tmp_path / "cut")) == 8
+
+    resumed = train(cfg, resume=True)
+    straight = train(config(model, images, tmp_path / "straight", **extra))
+    assert max_diff(weights(resumed), weights(straight)) <= 1e-6
+    assert metrics(resumed) == metrics(straight)
+    assert metrics(straight)[-1]["step"] == 12
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(
+    model: Path, images: Path, tmp_path: Path
+) -> None:
+    settings = {"total_images": 3 * 400, "checkpoint_every": 7, "log_every": 50}
+    cfg = config(model, images, tmp_path / "killed", **settings)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "patchsae", "train", str(cfg_file)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    state = json.loads(marker.read_text())
+    assert 0 < state["step"] < 400, "the run was not interrupted mid-way"
+    resumed = train(cfg, resume=True)
+    straight = train(config(model, images, tmp_path / "straight", **settings))
+    assert max_diff(weights(resumed), weights(straight)) <= 1e-6
+    assert metrics(resumed) == metrics(straight)
+
+
+def test_broken_images_are_skipped_and_reported_once(model: Path, tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "imgs", broken=("a/002.png",))
+    out = train(config(model, folder, tmp_path / "run", total_images=33))
+    report = json.loads((out / "bad_images.json").read_text())
+    assert [r["example_id"] for r in report] == [1]
+    assert report[0]["where"].endswith("002.png")
+    rows = [r for r in metrics(out) if "lr" in r]
+    assert rows[-1]["images"] == 33 and len(rows) == 11
+
+
+def test_bad_streaming_configs_are_refused(model: Path, images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="store=DIR .* model=NAME"):
+        from_dict(TrainConfig, {"data": {"source": str(images)}, "layer": -1})
+    with pytest.raises(ConfigError, match="data.source"):
+        from_dict(TrainConfig, {"model": str(model), "layer": -1})
+    with pytest.raises(SourceError, match="layer="):
+        train(config(model, images, tmp_path / "a", layer=None))
+    with pytest.raises(SourceError, match="eval_images"):
+        train(config(model, images, tmp_path / "b", eval_images=N_IMAGES))
+    with pytest.raises(SourceError, match="batch_images"):
+        train(config(model, images, tmp_path / "c", batch_images=N_TRAIN + 1))
+    with pytest.raises(ConfigError, match="sae.d_in=16"):
+        train(config(model, images, tmp_path / "d", sae={"d_in": 8, "d_sae": 32}))
+    with pytest.raises(ValueError, match="range"):
+        train(config(model, images, tmp_path / "e", layer=5))
+    assert not (tmp_path / "a").exists()
