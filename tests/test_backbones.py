@@ -38,8 +38,6 @@ from patchsae.backbones import (
     load_backbone,
 )
 
-torch.set_num_threads(1)
-
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DINOV2 = SHARED / "assets" / "dinov2-small-imgfocus"
 CLIP_TOKENIZER = SHARED / "assets" / "clip-tokenizer"

@@ -25,8 +25,6 @@ from patchsae.sae.registry import make_sae
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER = SHARED / "assets" / "clip-tokenizer"
 
-torch.set_num_threads(1)
-
 
 # ---------------------------------------------------------------- helpers
 

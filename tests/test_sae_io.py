@@ -37,8 +37,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN = SHARED / "golden" / "patchsae_checkpoint"
 ORIGINAL_MODULE = "src.sae_training.config"
 
-torch.set_num_threads(1)
-
 
 def random_sae(arch: str, d_in: int = 8, d_sae: int = 32, dtype: str = "float32", seed: int = 0):
     """A small SAE whose every tensor (buffers included) holds non-trivial values."""

@@ -28,7 +28,6 @@ from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
 from patchsae.train.trainer import TrainingError, lr_at
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / "shared" / "golden" / "patchsae_sae_step.safetensors"
 

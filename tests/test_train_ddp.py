@@ -7,14 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from patchsae.config import to_dict
 from patchsae.train import train
 from test_train import config, make_store, metrics, tiny_acts, weights
 
-torch.set_num_threads(1)
 TIMEOUT_S = 180
 
 

@@ -25,7 +25,7 @@ pytestmark = [
 
 
 def test_relu_sae_learns_dinov2_fashion_mnist(tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # real data: use both cores; conftest restores 1 afterwards
     store = extract(
         ExtractConfig(
             model=str(MODEL),

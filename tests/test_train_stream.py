@@ -25,7 +25,6 @@ from patchsae.train import TrainConfig, train
 from patchsae.train import trainer as trainer_module
 from patchsae.train.sources import SourceError, StreamSource, epoch_seed
 
-torch.set_num_threads(1)
 N_IMAGES, EVAL, T, D = 14, 2, 5, 16
 N_TRAIN = N_IMAGES - EVAL
 

@@ -6,6 +6,7 @@ from patchsae.metrics.fidelity import (
     FidelityError,
     build_prompts,
     downstream_fidelity,
+    labelled_batches,
     zero_shot_classifier,
 )
 from patchsae.metrics.firing import FiringWindow, firing_fractions
@@ -20,6 +21,7 @@ __all__ = [
     "downstream_fidelity",
     "evaluate",
     "firing_fractions",
+    "labelled_batches",
     "reconstruction_metrics",
     "zero_shot_classifier",
 ]

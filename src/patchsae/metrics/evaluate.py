@@ -9,19 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from patchsae.backbones import load_backbone
 from patchsae.data.images import BadRecord, DataConfig, image_batches, open_images, shuffled_order
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore
-from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, downstream_fidelity
+from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, downstream_fidelity, labelled_batches
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.io import load
 
@@ -47,15 +43,6 @@ class FidelitySpec:
     tokenizer: str | None = None
     batch_size: int = 32
     num_workers: int = 0
-
-
-def _labelled_batches(
-    batches: Iterator[Any], bad: list[BadRecord]
-) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """(pixel_values, labels) of each ImageBatch; bad images are collected in ``bad``."""
-    for batch in batches:
-        bad.extend(batch.bad)
-        yield batch.pixel_values, batch.labels
 
 
 def _fidelity(
@@ -86,7 +73,7 @@ def _fidelity(
         backbone,
         sae,
         layer,
-        _labelled_batches(batches, bad),
+        labelled_batches(batches, bad),
         source.class_names,
         templates=spec.templates,
         progress=progress,

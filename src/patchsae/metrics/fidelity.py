@@ -9,8 +9,8 @@ layer: (a) original activations, (b) every token replaced by its SAE reconstruct
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from patchsae.backbones import Backbone
+    from patchsae.data.images import BadRecord
     from patchsae.sae import SAE
 
 DEFAULT_TEMPLATES = ("a photo of a {name}.",)
@@ -149,3 +150,15 @@ def downstream_fidelity(
     out["fraction_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap else float("nan")
     out["n_images"] = n_images
     return out
+
+
+def labelled_batches(
+    batches: Iterator[Any], bad: list[BadRecord]
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(pixel_values, labels) of each ``ImageBatch``, the input of ``downstream_fidelity``.
+
+    Bad images the batches dropped are appended to ``bad``.
+    """
+    for batch in batches:
+        bad.extend(batch.bad)
+        yield batch.pixel_values, batch.labels

@@ -7,9 +7,38 @@ from typing import Any, Literal
 
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.data.images import DataConfig
+from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityError, build_prompts
 from patchsae.sae.config import SAEConfig
 
 BDecInit = Literal["geometric_median_images", "geometric_median_tokens", "mean", "zeros"]
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """Downstream fidelity at every evaluation step (CLIP backbones only, PatchSAE Table 2).
+
+    ``data``: labelled images (class names from the class folders or ``class_names_file``);
+    ``limit``: score that many of them, drawn with ``seed`` (None: all); ``templates``: prompt
+    templates with ``{name}``; ``tokenizer``: a tokenizer folder (None: the model's own).
+    """
+
+    data: DataConfig
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"fidelity.limit must be >= 1 or null (all), got {self.limit}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("fidelity.batch_size must be >= 1 and fidelity.num_workers >= 0")
+        try:
+            build_prompts(["class"], self.templates)
+        except FidelityError as err:
+            raise ConfigError(f"fidelity.templates: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -18,8 +47,9 @@ class TrainConfig:
 
     The source is ``store`` (an activation store folder) when set; ``model``, if also set, must
     then be the backbone the store was extracted from, and ``data`` is unused. Without ``store``,
-    activations are computed on the fly by ``model`` on the images of ``data`` (streaming). The
-    defaults are the PatchSAE recipe; ``configs/patchsae.yaml`` spells it out.
+    activations are computed on the fly by ``model`` on the images of ``data`` (streaming).
+    ``fidelity`` adds zero-shot CLIP fidelity to every evaluation. The defaults are the PatchSAE
+    recipe; ``configs/patchsae.yaml`` spells it out.
     """
 
     sae: SAEConfig = field(default_factory=SAEConfig)
@@ -53,6 +83,7 @@ class TrainConfig:
     wandb_project: str | None = None
     device: str = "cpu"
     sweep: tuple[dict[str, Any], ...] = ()
+    fidelity: FidelityConfig | None = None
 
     def __post_init__(self) -> None:
         if self.store is None and self.model is None:

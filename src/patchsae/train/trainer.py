@@ -12,6 +12,10 @@ One step per SAE, in the original's order (``SAETrainer._train_step``):
 Output folder (``cfg.out``): ``train_config.json``; per SAE (the folder itself, or ``sae-00``...
 in a sweep) ``metrics.jsonl`` and, at the end, ``sae.safetensors`` + ``cfg.json``;
 ``checkpoint/`` (see ``patchsae.train.checkpoint``).
+
+Evaluation (step 0, every ``eval_every`` steps, the end) logs ``reconstruction_metrics`` on the
+held-out images (``eval_images``) and, with ``fidelity``, ``downstream_fidelity`` on labelled
+images through the CLIP backbone (rank 0 only).
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from patchsae.backbones import Backbone, load_backbone
 from patchsae.config import ConfigError, to_dict
-from patchsae.data.images import write_bad_report
+from patchsae.data.images import (
+    BadRecord,
+    image_batches,
+    open_images,
+    shuffled_order,
+    write_bad_report,
+)
+from patchsae.metrics.fidelity import downstream_fidelity, labelled_batches
 from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.geometric_median import init_b_dec
@@ -46,7 +58,7 @@ from patchsae.train.checkpoint import (
     write_checkpoint,
     write_json_atomic,
 )
-from patchsae.train.config import TrainConfig, config_differences
+from patchsae.train.config import FidelityConfig, TrainConfig, config_differences
 from patchsae.train.sources import open_source
 
 TRAIN_CONFIG = "train_config.json"
@@ -299,17 +311,104 @@ def _checkpoint(
     write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
 
 
-def _evaluate(members: list[Member], source: Any, progress: dict, log: _Logger) -> None:
-    for m in members:
-        metrics = reconstruction_metrics(
-            m.sae,
-            source.eval_batches(),
-            source.eval_layout,
-            device=m.counters.device,
-            progress=False,
+class _Fidelity:
+    """Downstream fidelity of an SAE on the labelled images of ``cfg.fidelity``.
+
+    The images, their order and the backbone's family are checked at construction; the CLIP
+    backbone (the config's ``model`` or the store's) is loaded at the first call, once. A
+    streaming run reuses its own backbone unless ``fidelity.tokenizer`` is set.
+    """
+
+    def __init__(
+        self, spec: FidelityConfig, model: str | None, source: Any, device: torch.device
+    ) -> None:
+        self.spec, self.device, self.layer = spec, device, source.layer_index
+        streamed = getattr(source, "backbone", None)
+        self._backbone: Backbone | None = streamed if self.spec.tokenizer is None else None
+        if streamed is not None:
+            self.model, family = model, streamed.family
+        else:
+            named = source.store.metadata.get("backbone", {})
+            self.model, family = model or named.get("name"), named.get("family")
+            if not self.model:
+                raise ConfigError(
+                    "fidelity needs the CLIP backbone, but the store does not name it: set model="
+                )
+            if family is None:
+                family = self.backbone.family
+        if family != "clip":
+            raise ConfigError(
+                f"fidelity needs a CLIP backbone (zero-shot text head), but {self.model!r} is a "
+                f"{family} model: unset fidelity"
+            )
+        self.images = open_images(self.spec.data)
+        if not self.images.class_names:
+            raise ConfigError(
+                f"fidelity.data {self.spec.data.source!r} has no class names: give labelled "
+                "images (class folders, or label_column and class_names_file)"
+            )
+        order = shuffled_order(len(self.images), self.spec.seed)
+        self.order = order if self.spec.limit is None else order[: self.spec.limit]
+        if (self.images.labels[self.order] < 0).any():
+            raise ConfigError(
+                f"fidelity.data {self.spec.data.source!r} holds unlabelled images (label -1); "
+                "fidelity scores labelled images only"
+            )
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(
+                self.model, device=self.device, tokenizer=self.spec.tokenizer
+            )
+        return self._backbone
+
+    def __call__(self, sae: Any) -> dict[str, float]:
+        """``ce_*``, ``acc_*`` (original, spliced, zero), ``fraction_recovered``, counts."""
+        spec = self.spec
+        bad: list[BadRecord] = []
+        batches = image_batches(
+            self.images,
+            self.order,
+            self.backbone.preprocessor,
+            spec.batch_size,
+            num_workers=spec.num_workers,
         )
+        with torch.random.fork_rng(devices=[]):
+            out = downstream_fidelity(
+                self.backbone,
+                sae,
+                self.layer,
+                labelled_batches(batches, bad),
+                self.images.class_names,
+                templates=spec.templates,
+                progress=False,
+            )
+        out["n_bad_images"] = len(bad)
+        return out
+
+
+def _evaluate(
+    cfg: TrainConfig,
+    members: list[Member],
+    source: Any,
+    fidelity: _Fidelity | None,
+    progress: dict,
+    log: _Logger,
+) -> None:
+    for m in members:
         record = {k: progress[k] for k in ("step", "images", "tokens")}
-        record.update({f"eval/{k}": v for k, v in metrics.items()})
+        if cfg.eval_images:
+            metrics = reconstruction_metrics(
+                m.sae,
+                source.eval_batches(),
+                source.eval_layout,
+                device=m.counters.device,
+                progress=False,
+            )
+            record.update({f"eval/{k}": v for k, v in metrics.items()})
+        if fidelity is not None and log.enabled:
+            record.update({f"eval/fidelity/{k}": v for k, v in fidelity(m.sae).items()})
         log.log(m, record)
 
 
@@ -334,6 +433,10 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
     out = Path(cfg.out)
     source = open_source(cfg, d.device)
     _check_compatible(cfg, source)
+    fidelity = None
+    if cfg.fidelity is not None:
+        fidelity = _Fidelity(cfg.fidelity, cfg.model, source, d.device)
+    evaluating = bool(cfg.eval_images) or fidelity is not None
     tpi = source.tokens_per_image
     if cfg.batch_mode == "images":
         d.slice(cfg.batch_images)
@@ -362,8 +465,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         first = next(batches)
         _init_b_dec(cfg, members, first[0], d)
         batches = itertools.chain([first], batches)
-        if cfg.eval_images:
-            _evaluate(members, source, progress, log)
+        if evaluating:
+            _evaluate(cfg, members, source, fidelity, progress, log)
     bar = tqdm(
         total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
     )
@@ -395,8 +498,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
                     log.log(m, {**head, **record, **m.firing.fractions(), "tokens_per_s": rate})
-            if cfg.eval_images and (progress["step"] % cfg.eval_every == 0 or done):
-                _evaluate(members, source, progress, log)
+            if evaluating and (progress["step"] % cfg.eval_every == 0 or done):
+                _evaluate(cfg, members, source, fidelity, progress, log)
             if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
                 _checkpoint(cfg, members, progress, source)
     finally:

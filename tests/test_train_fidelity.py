@@ -1,0 +1,185 @@
+"""CLIP downstream fidelity logged by the trainer at every evaluation step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchsae.backbones import TokenLayout, load_backbone
+from patchsae.config import ConfigError, from_dict
+from patchsae.data.images import DataConfig, image_batches, open_images, shuffled_order
+from patchsae.data.store import StoreWriter
+from patchsae.extract import ExtractConfig, extract
+from patchsae.metrics.fidelity import downstream_fidelity
+from patchsae.sae.io import load
+from patchsae.train import TrainConfig, train
+from patchsae.train.config import FidelityConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TOKENIZER = SHARED / "assets" / "clip-tokenizer"
+CLASSES = ("bird", "cat", "dog")
+TEMPLATES = ("a photo of a {name}.", "a blurry {name}.")
+KEYS = ("ce_original", "ce_spliced", "ce_zero", "fraction_recovered")
+KEYS += ("acc_original", "acc_spliced", "acc_zero", "n_images")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-block CLIP of width 64 on 32x32 images (16 patches + CLS), saved without tokenizer."""
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"CLIP tokenizer not found at {TOKENIZER}")
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    cfg = CLIPConfig(
+        text_config={**small, "num_attention_heads": 4, "max_position_embeddings": 77},
+        vision_config={**small, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():  # nonzero LayerNorm biases, so zero-ablated tokens still embed
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_(0.0, 0.5)
+    folder = tmp_path_factory.mktemp("tinyclip")
+    model.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageFolder with three named classes of four random 32x32 RGB images each."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(4):
+            pixels = rng.integers(0, 256, (32, 32, 3)) // (c + 1)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(clip_dir: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "s"
+    cfg = ExtractConfig(
+        model=str(clip_dir),
+        data=DataConfig(source=str(images)),
+        layers=(0,),
+        out=str(out),
+        batch_size=4,
+        shard_images=4,
+        num_workers=0,
+        dtype="fp32",
+        seed=1,
+    )
+    return extract(cfg)
+
+
+def fidelity_dict(images: Path) -> dict:
+    return {
+        "data": {"source": str(images)},
+        "limit": 9,
+        "seed": 3,
+        "batch_size": 4,
+        "templates": list(TEMPLATES),
+        "tokenizer": str(TOKENIZER),
+    }
+
+
+def train_config(store: Path, out: Path, images: Path, **overrides) -> TrainConfig:
+    data = {
+        "store": str(store),
+        "out": str(out),
+        "sae": {"d_in": 64, "d_sae": 128},
+        "batch_images": 4,
+        "total_images": 16,
+        "warmup_steps": 2,
+        "eval_images": 4,
+        "eval_every": 2,
+        "eval_batch_images": 4,
+        "log_every": 1,
+        "b_dec_init_maxiter": 10,
+        "fidelity": fidelity_dict(images),
+    }
+    return from_dict(TrainConfig, {**data, **overrides})
+
+
+def test_fidelity_logged_at_eval_steps_matches_direct_call(
+    clip_dir: Path, images: Path, store: Path, tmp_path: Path
+) -> None:
+    out = train(train_config(store, tmp_path / "run", images))
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert "eval/fvu" in r
+        assert all(f"eval/fidelity/{k}" in r for k in KEYS)
+        assert r["eval/fidelity/n_images"] == 9
+        assert r["eval/fidelity/ce_original"] == evals[0]["eval/fidelity/ce_original"]
+    train_lines = [r for r in lines if "loss" in r]
+    assert not any(k.startswith("eval/fidelity") for r in train_lines for k in r)
+    assert evals[0]["eval/fidelity/ce_spliced"] != evals[-1]["eval/fidelity/ce_spliced"]
+
+    backbone = load_backbone(clip_dir, tokenizer=TOKENIZER)
+    source = open_images(DataConfig(source=str(images)))
+    order = shuffled_order(len(source), 3)[:9]
+    batches = (
+        (b.pixel_values, b.labels) for b in image_batches(source, order, backbone.preprocessor, 4)
+    )
+    direct = downstream_fidelity(
+        backbone, load(out), 0, batches, list(CLASSES), templates=TEMPLATES, progress=False
+    )
+    final = evals[-1]
+    for k in KEYS:
+        assert final[f"eval/fidelity/{k}"] == pytest.approx(direct[k], rel=1e-6, abs=1e-9)
+
+
+def test_fidelity_without_eval_images_still_evaluates(
+    images: Path, store: Path, tmp_path: Path
+) -> None:
+    cfg = train_config(store, tmp_path / "run", images, eval_images=0, total_images=8)
+    lines = [json.loads(ln) for ln in (train(cfg) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval/fidelity/ce_spliced" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert not any("eval/fvu" in r for r in lines)
+
+
+def test_fidelity_needs_clip_backbone(images: Path, tmp_path: Path) -> None:
+    layout = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
+    plan = {
+        "format_version": 1,
+        "layers": [0],
+        "dtype": "fp32",
+        "d_model": 8,
+        "n_tokens": 5,
+        "token_layout": layout.to_dict(),
+        "backbone": {"name": "tiny-dino", "family": "dinov2", "n_layers": 2},
+    }
+    root = tmp_path / "dino-store"
+    with StoreWriter(root, plan) as writer:
+        shard = writer.shard(0, 8)
+        shard.append({0: torch.randn(8, 5, 8)})
+        writer.finalize([shard.commit({"example_ids": list(range(8)), "labels": [-1] * 8})], [])
+    cfg = train_config(root, tmp_path / "run", images, sae={"d_in": 8, "d_sae": 16})
+    with pytest.raises(ConfigError, match="CLIP backbone.*dinov2"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fidelity_config_validation(images: Path) -> None:
+    spec = from_dict(FidelityConfig, fidelity_dict(images))
+    assert spec.data == DataConfig(source=str(images)) and spec.templates == TEMPLATES
+    with pytest.raises(ConfigError, match="placeholder"):
+        from_dict(FidelityConfig, {**fidelity_dict(images), "templates": ["a photo"]})
+    with pytest.raises(ConfigError, match="limit"):
+        from_dict(FidelityConfig, {**fidelity_dict(images), "limit": 0})
