@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,32 @@ def test_first_step_matches_the_original_patchsae(tmp_path: Path) -> None:
             ref = g[f"noghost.adam.{key}.{name}"]
             got = adam[f"sae.adam.{i}.{key}"]
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-7 * ref.abs().max())
+
+
+def test_wandb_receives_every_metrics_line_when_asked(store, tmp_path, monkeypatch):
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class Run:
+        def log(self, record, step):
+            calls["log"].append((step, record))
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    out = train(config(store, tmp_path / "run", wandb_project="demo", total_images=16))
+    assert calls["init"][0]["project"] == "demo"
+    assert calls["init"][0]["config"]["sae"]["d_sae"] == 32
+    lines = metrics(out)
+    assert [(r["step"], r) for r in lines] == calls["log"]
+    assert calls["finish"] == [True]
+
+
+def test_wandb_missing_is_a_clear_error(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        train(config(store, tmp_path / "run", wandb_project="demo", total_images=16))
