@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -281,6 +282,21 @@ def test_broken_images_are_skipped_and_reported_once(model: Path, tmp_path: Path
     assert report[0]["where"].endswith("002.png")
     rows = [r for r in metrics(out) if "lr" in r]
     assert rows[-1]["images"] == 33 and len(rows) == 11
+
+
+def test_bad_images_survive_a_resume(model: Path, tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "imgs", broken=("a/002.png",))
+    cfg = config(model, folder, tmp_path / "run")
+    before = StreamSource(cfg, torch.device("cpu"))
+    one_epoch = N_TRAIN // cfg.batch_images
+    list(itertools.islice(before.batches(before.start_position()), one_epoch))
+    assert [r.example_id for r in before.bad] == [1], "the broken image was not met"
+    recorded = json.loads(json.dumps(before.describe()))
+    after = StreamSource(cfg, torch.device("cpu"))
+    after.restore(recorded)
+    assert after.bad == before.bad
+    list(itertools.islice(after.batches(after.start_position()), one_epoch))
+    assert after.bad == before.bad, "a recomputed window listed the broken image twice"
 
 
 def test_bad_streaming_configs_are_refused(model: Path, images: Path, tmp_path: Path) -> None:

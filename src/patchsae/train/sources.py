@@ -79,6 +79,9 @@ class Source:
         x = self.select(acts_btd)
         return x.reshape(-1, x.shape[-1]) if self.eval_layout is None else x
 
+    def restore(self, described: dict[str, Any]) -> None:
+        """Take back what ``describe()`` recorded in the checkpoint being resumed."""
+
     def describe(self) -> dict[str, Any]:
         """What the run trains on (recorded with checkpoints)."""
         return {
@@ -258,8 +261,16 @@ class StreamSource(Source):
             acts = self._encode(ids[k : k + step])
             yield acts.reshape(-1, acts.shape[-1]) if self.eval_layout is None else acts
 
+    def restore(self, described: dict[str, Any]) -> None:
+        """Bad images met before the checkpoint stay in the report after a resume."""
+        for record in described.get("bad_images", []):
+            if record["example_id"] not in self._bad_ids:
+                self._bad_ids.add(record["example_id"])
+                self.bad.append(BadRecord(**record))
+
     def describe(self) -> dict[str, Any]:
         return {
+            "bad_images": [dataclasses.asdict(r) for r in self.bad],
             "model": self.backbone.identity(),
             "data": dataclasses.asdict(self.cfg.data),
             "data_fingerprint": self.images.fingerprint,

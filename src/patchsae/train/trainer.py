@@ -459,6 +459,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
     else:
         _restore(state, members)
+        source.restore(state["source"])
         progress = {k: state[k] for k in ("step", "images", "tokens", "data_position")}
     batches = source.batches(progress["data_position"])
     if progress["step"] == 0:
