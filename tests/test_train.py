@@ -278,6 +278,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(store: Path, tmp_path:
     assert proc.wait() == -signal.SIGKILL
     state = json.loads(marker.read_text())
     assert 0 < state["step"] < 600, "the run was not interrupted mid-way"
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "los')  # a kill in the middle of an append
     resumed = train(cfg, resume=True)
     straight = train(config(store, tmp_path / "straight", **settings))
     assert_same(weights(resumed), weights(straight), atol=1e-6)

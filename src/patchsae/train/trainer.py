@@ -203,15 +203,21 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, keep_until: int | None) -> None:
-    """Drop metrics lines of steps after ``keep_until`` (all lines when None), atomically."""
+    """Drop metrics lines of steps after ``keep_until`` (all lines when None), atomically.
+
+    A run killed while appending leaves a partial last line; it is dropped too.
+    """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [
-        ln
-        for ln in lines
-        if ln.strip() and keep_until is not None and json.loads(ln)["step"] <= keep_until
-    ]
+    kept = []
+    if keep_until is not None:
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            if step <= keep_until:
+                kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     tmp.replace(path)
