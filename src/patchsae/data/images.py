@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+
+from patchsae.atomic import write_json
 
 DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_EXTENSIONS = (
@@ -492,16 +493,4 @@ def image_batches(
 
 def write_bad_report(records: list[BadRecord], path: str | os.PathLike) -> None:
     """Write ``records`` as a JSON list of {example_id, where, reason}, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = [dataclasses.asdict(r) for r in records]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, [dataclasses.asdict(r) for r in records], indent=1)

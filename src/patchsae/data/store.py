@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchsae.atomic import TMP_SUFFIX, atomic_file, write_json
 from patchsae.backbones import TokenLayout
 
 FORMAT_VERSION = 1
@@ -34,7 +35,6 @@ EXAMPLE_IDS = "example_ids.npy"
 LABELS = "labels.npy"
 BAD_IMAGES = "bad_images.json"
 SHARD_DIR = "shards"
-TMP_SUFFIX = ".tmp"
 RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files")
 DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 
@@ -70,27 +70,9 @@ def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
     return values
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,7 +160,7 @@ class ShardWriter:
         entry = {**entry, "shard": self.index, "n_images": self.n_rows, "files": files}
         entry_path = self.root / SHARD_DIR / f"{shard_name(self.index)}.json"
         entry_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(entry_path, entry)
+        write_json(entry_path, entry, indent=1)
         return entry
 
 
@@ -222,7 +204,7 @@ class StoreWriter:
                     f"{self.root} is not empty ({', '.join(sorted(leftovers)[:5])}) and holds no "
                     f"{METADATA}; use a new --out or an empty folder"
                 )
-            atomic_write_json(meta_path, {**plan, "complete": False})
+            write_json(meta_path, {**plan, "complete": False}, indent=1)
         if not self.complete:
             for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
                 tmp.unlink()
@@ -268,7 +250,7 @@ class StoreWriter:
         labels = [np.asarray(e["labels"], dtype=np.int64) for e in entries]
         atomic_save_npy(self.root / EXAMPLE_IDS, np.concatenate(ids) if ids else np.zeros(0, int))
         atomic_save_npy(self.root / LABELS, np.concatenate(labels) if labels else np.zeros(0, int))
-        atomic_write_json(self.root / BAD_IMAGES, bad_report)
+        write_json(self.root / BAD_IMAGES, bad_report, indent=1)
         results = {
             "complete": True,
             "n_images": int(sum(e["n_images"] for e in entries)),
@@ -276,7 +258,7 @@ class StoreWriter:
             "shard_counts": [int(e["n_images"]) for e in entries],
             "files": {"example_ids": EXAMPLE_IDS, "labels": LABELS, "bad_images": BAD_IMAGES},
         }
-        atomic_write_json(self.root / METADATA, {**self.plan, **results})
+        write_json(self.root / METADATA, {**self.plan, **results}, indent=1)
         self.complete = True
         return self.root
 

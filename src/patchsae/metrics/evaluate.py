@@ -6,13 +6,12 @@ The slice is the last ``images`` images of the store, the same held-out tail tha
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchsae import atomic
 from patchsae.backbones import load_backbone
 from patchsae.data.images import BadRecord, DataConfig, image_batches, open_images, shuffled_order
 from patchsae.data.loaders import image_batches_from_store
@@ -141,11 +140,7 @@ def _json_ready(value: Any) -> Any:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write ``result`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_ready(result), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, _json_ready(result))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from patchsae.atomic import write_json, write_with
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
@@ -54,23 +54,6 @@ SUPPORTED = (
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, unsafe, or does not match its config."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -162,8 +145,8 @@ def save(sae: SAE, dir: str | Path, extra: Mapping[str, Any] | None = None) -> P
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id}
     folder.mkdir(parents=True, exist_ok=True)
     _keep_previous(folder)
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _write_json(folder / CFG, info)
+    write_with(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_json(folder / CFG, info)
     (folder / PREVIOUS).unlink(missing_ok=True)
     return folder
 
@@ -450,6 +433,6 @@ def export_saelens(sae: SAE, dir: str | Path) -> Path:
             f"{folder} holds a {FORMAT} checkpoint; export the SAELens copy to another folder"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    _write_json(folder / CFG, info)
+    write_with(folder / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(folder / CFG, info)
     return folder

@@ -26,22 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from patchsae.atomic import write_json
 from patchsae.sae.io import save
 
 FORMAT_VERSION = 1
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 CURRENT, TMP, OLD = "checkpoint", "ckpt-tmp", "ckpt-old"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_tensors(
@@ -105,7 +96,7 @@ def write_checkpoint(
     for name, sae in saes.items():
         save(sae, tmp / name)
     save_file(tensors, str(tmp / STATE_TENSORS))
-    write_json_atomic(tmp / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+    write_json(tmp / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
     if current.exists():
         if old.exists():
             shutil.rmtree(old)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from patchsae.atomic import write_json, write_text
 from patchsae.backbones import Backbone, load_backbone
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import (
@@ -56,7 +57,6 @@ from patchsae.train.checkpoint import (
     restore_rng,
     rng_tensors,
     write_checkpoint,
-    write_json_atomic,
 )
 from patchsae.train.config import FidelityConfig, TrainConfig, config_differences
 from patchsae.train.sources import open_source
@@ -218,9 +218,7 @@ def _truncate_metrics(path: Path, keep_until: int | None) -> None:
                 continue
             if step <= keep_until:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class _Logger:
@@ -459,7 +457,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
             m.out_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
         if not (out / TRAIN_CONFIG).is_file():
-            write_json_atomic(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
+            write_json(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
     log = _Logger(cfg, members, d.is_main)
     if state is None:
         progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
