@@ -18,9 +18,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from sae_lens.saes.sae import TrainStepInput
-from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+try:
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+except ImportError:
+    raise SystemExit(
+        'bench/train_step.py compares against SAELens: pip install -e ".[bench]"'
+    ) from None
 
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
