@@ -29,6 +29,7 @@ from transformers import (
     ViTModel,
 )
 
+from assets import CLIP_TOKENIZER, DINOV2, FASHION_MNIST
 from patchsae.backbones import (
     Backbone,
     BackboneError,
@@ -38,10 +39,7 @@ from patchsae.backbones import (
     load_backbone,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DINOV2 = SHARED / "assets" / "dinov2-small-imgfocus"
-CLIP_TOKENIZER = SHARED / "assets" / "clip-tokenizer"
-FASHION = SHARED / "data" / "fashion-mnist-small" / "test"
+FASHION = FASHION_MNIST / "test"
 
 IMAGE, PATCH, LAYERS = 32, 8, 3
 VISION = dict(

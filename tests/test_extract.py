@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+from assets import DINOV2, FASHION_MNIST
 from patchsae.cli import main
 from patchsae.config import ConfigError
 from patchsae.data.images import DataConfig, open_images, shuffled_order
 from patchsae.data.store import ActivationStore, StoreError
 from patchsae.extract import ExtractConfig, config_from_args, extract, register
+from tiny_models import save_tiny_vit
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RUNNER = (
     "import sys; from patchsae.config import load_config; "
     "from patchsae.extract import ExtractConfig, extract; "
@@ -40,21 +41,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-block ViT (width 32, 32 px, patch 8: 17 tokens) saved with save_pretrained."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
     folder = tmp_path_factory.mktemp("tinyvit")
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return save_tiny_vit(folder, width=32, n_layers=3, heads=2, image_size=32, patch_size=8)
 
 
 def make_folder(root: Path, per_class: int, bad: bool) -> Path:
@@ -267,12 +255,12 @@ def test_sigkill_resume_is_bit_identical(tiny_model: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.shared
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared")
+@pytest.mark.skipif(not (DINOV2.is_dir() and FASHION_MNIST.is_dir()), reason="needs ../shared")
 def test_smoke_dinov2_fashion_mnist(tmp_path: Path) -> None:
     from transformers import AutoImageProcessor, Dinov2Model
 
-    model_dir = SHARED / "assets" / "dinov2-small-imgfocus"
-    data_dir = SHARED / "data" / "fashion-mnist-small"
+    model_dir = DINOV2
+    data_dir = FASHION_MNIST
     out = tmp_path / "store"
     argv = ["extract", "--model", str(model_dir), "--data", str(data_dir), "--split", "test"]
     argv += ["--layer", "2", "-8", "--limit", "16", "--dtype", "fp32", "--out", str(out)]

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from compare import rel_err
 from patchsae.sae.geometric_median import geometric_median, init_b_dec
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden" / "patchsae_sae_step.safetensors"
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    if not GOLDEN.is_file():
-        pytest.skip(f"golden file {GOLDEN} is absent")
-    from safetensors.torch import load_file
-
-    return load_file(GOLDEN)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b|."""
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def objective(points: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from assets import FASHION_MNIST
 from patchsae.config import ConfigError, load_config
 from patchsae.data.images import (
     BadImage,
@@ -29,9 +30,6 @@ from patchsae.data.images import (
     shuffled_order,
     write_bad_report,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FASHION = SHARED / "data" / "fashion-mnist-small"
 
 
 class ToTensor:
@@ -564,19 +562,19 @@ def test_write_bad_report(tmp_path):
 
 
 @pytest.mark.shared
-@pytest.mark.skipif(not FASHION.is_dir(), reason="shared fashion-mnist-small absent")
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="shared fashion-mnist-small absent")
 @pytest.mark.parametrize(("split", "count"), [("test", 300), ("train", 1000)])
 def test_fashion_mnist(split, count):
-    src = open_images(DataConfig(source=str(FASHION), split=split))
+    src = open_images(DataConfig(source=str(FASHION_MNIST), split=split))
     assert len(src) == count
-    names = (FASHION / "classes.txt").read_text().splitlines()
+    names = (FASHION_MNIST / "classes.txt").read_text().splitlines()
     assert src.class_names == names and len(names) == 10
     assert np.bincount(src.labels).tolist() == [count // 10] * 10
-    with open(FASHION / "manifest.csv", newline="") as f:
+    with open(FASHION_MNIST / "manifest.csv", newline="") as f:
         manifest = {row["path"]: row for row in csv.DictReader(f) if row["split"] == split}
     assert len(manifest) == count
     for i in range(len(src)):
-        rel = Path(src.describe(i)).relative_to(FASHION).as_posix()
+        rel = Path(src.describe(i)).relative_to(FASHION_MNIST).as_posix()
         row = manifest[rel]
         folder_index = int(Path(rel).parent.name.split("_")[0])
         assert src.labels[i] == folder_index == int(row["label"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from assets import CLIP_TOKENIZER, FASHION_MNIST
 from patchsae.backbones import TokenLayout
 from patchsae.metrics import (
     FiringWindow,
@@ -21,10 +21,7 @@ from patchsae.metrics import (
 from patchsae.metrics.fidelity import FidelityError
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.registry import make_sae
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "assets" / "clip-tokenizer"
-
+from tiny_models import tiny_clip as build_tiny_clip
 
 # ---------------------------------------------------------------- helpers
 
@@ -287,28 +284,16 @@ NAMES = ["T-shirt/top", "Trouser", "Ankle boot"]
 @pytest.fixture(scope="module")
 def tiny_clip():
     """A 2-block CLIP of width 64 on 32x32 images (16 patches + CLS), built in code."""
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"CLIP tokenizer not found at {TOKENIZER}")
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
+    if not CLIP_TOKENIZER.is_dir():
+        pytest.skip(f"CLIP tokenizer not found at {CLIP_TOKENIZER}")
+    from transformers import CLIPTokenizerFast
 
     from patchsae.backbones import backbone_from_hf
 
-    torch.manual_seed(0)
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-    cfg = CLIPConfig(
-        text_config={**small, "num_attention_heads": 4, "max_position_embeddings": 77},
-        vision_config={**small, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        projection_dim=32,
+    model, processor = build_tiny_clip(
+        width=64, n_layers=2, heads=4, image_size=32, patch_size=8, projection_dim=32
     )
-    model = CLIPModel(cfg).eval()
-    with torch.no_grad():  # nonzero LayerNorm biases, so zero-ablated tokens still embed
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.bias.normal_(0.0, 0.5)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    raw_tokenizer = CLIPTokenizerFast.from_pretrained(TOKENIZER)
+    raw_tokenizer = CLIPTokenizerFast.from_pretrained(CLIP_TOKENIZER)
     tokenizer = RecordingTokenizer(raw_tokenizer)
     return backbone_from_hf(model, processor, tokenizer, name="tiny-clip"), model, raw_tokenizer
 
@@ -417,14 +402,12 @@ def test_fidelity_rejects_bad_labels_and_backbones(tiny_clip):
 
 # ---------------------------------------------------------------- evaluate command
 
-FASHION = SHARED / "data" / "fashion-mnist-small"
-
 
 @pytest.fixture(scope="module")
 def clip_store(tiny_clip, tmp_path_factory):
     """The tiny CLIP saved as a folder, and a 10-image Fashion-MNIST store of its block 0."""
-    if not FASHION.is_dir():
-        pytest.skip(f"Fashion-MNIST not found at {FASHION}")
+    if not FASHION_MNIST.is_dir():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")
     from patchsae.data.images import DataConfig
     from patchsae.extract import ExtractConfig, extract
 
@@ -436,7 +419,7 @@ def clip_store(tiny_clip, tmp_path_factory):
     raw_tokenizer.save_pretrained(model_dir)
     cfg = ExtractConfig(
         model=str(model_dir),
-        data=DataConfig(str(FASHION), split="train"),
+        data=DataConfig(str(FASHION_MNIST), split="train"),
         layers=(0,),
         out=str(root / "store"),
         batch_size=5,
@@ -459,7 +442,7 @@ def test_evaluate_command_end_to_end(clip_store, tmp_path, capsys):
     sae_dir = save(identity_sae(64, torch.float32), tmp_path / "sae")
     out = tmp_path / "metrics.json"
     argv = ["evaluate", "--sae", str(sae_dir), "--store", str(store_dir), "--images", "4"]
-    argv += ["--data", str(FASHION), "--limit", "6", "--out", str(out)]
+    argv += ["--data", str(FASHION_MNIST), "--limit", "6", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fraction_recovered" in printed and "explained_variance" in printed

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from compare import rel_err
 from patchsae.sae.recipe import (
     dead_latents,
     ghost_terms,
@@ -20,8 +20,6 @@ from patchsae.sae.recipe import (
     warmup_factor,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden" / "patchsae_sae_step.safetensors"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 GHOST_NAMES = (
     "residual",
@@ -39,22 +37,6 @@ CASES = [("ghost", 1e-10), ("noghost", 1e-10), ("f32_ghost", 1e-5)]
 BASE_LR = 4e-4
 WINDOW = 64
 WARMUP = 500
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    if not GOLDEN.is_file():
-        pytest.skip(f"golden file {GOLDEN} is absent")
-    from safetensors.torch import load_file
-
-    return load_file(GOLDEN)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| (absolute when b is all zeros)."""
-    a, b = a.detach().to(torch.float64), b.to(torch.float64)
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def forward(x, W_enc, b_enc, W_dec, b_dec):

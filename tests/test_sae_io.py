@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from assets import GOLDEN_CHECKPOINT
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.io import (
     CFG,
@@ -33,8 +34,6 @@ from patchsae.sae.io import (
 from patchsae.sae.registry import available_archs, make_sae
 from patchsae.sae.unpickle import PickleRefused, read_pickled_checkpoint
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden" / "patchsae_checkpoint"
 ORIGINAL_MODULE = "src.sae_training.config"
 
 
@@ -443,11 +442,13 @@ def test_truncated_storage_is_refused(tmp_path):
         read_pickled_checkpoint(broken)
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden/patchsae_checkpoint")
+@pytest.mark.skipif(
+    not GOLDEN_CHECKPOINT.is_dir(), reason="needs ../shared/golden/patchsae_checkpoint"
+)
 @pytest.mark.parametrize("name", ["sae.pt", "sae.pkl.gz"])
 def test_golden_patchsae_checkpoints(name):
-    expected = load_file(GOLDEN / "expected.safetensors")
-    sae = load(GOLDEN / name)
+    expected = load_file(GOLDEN_CHECKPOINT / "expected.safetensors")
+    sae = load(GOLDEN_CHECKPOINT / name)
     assert ORIGINAL_MODULE not in sys.modules
     cfg = sae.cfg
     assert (cfg.arch, cfg.d_in, cfg.d_sae, cfg.dtype) == ("relu", 16, 64, "float32")
@@ -459,10 +460,12 @@ def test_golden_patchsae_checkpoints(name):
     torch.testing.assert_close(x_hat, expected["sae_out"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden/patchsae_checkpoint")
+@pytest.mark.skipif(
+    not GOLDEN_CHECKPOINT.is_dir(), reason="needs ../shared/golden/patchsae_checkpoint"
+)
 def test_golden_needs_the_restricted_unpickler():
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(GOLDEN / "sae.pt", weights_only=True)
+        torch.load(GOLDEN_CHECKPOINT / "sae.pt", weights_only=True)
 
 
 # Malicious pickles ----------------------------------------------------------------------------

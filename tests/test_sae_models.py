@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,6 @@ from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.registry import available_archs, make_sae, register_sae
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden" / "patchsae_sae_step.safetensors"
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
@@ -343,29 +340,19 @@ def test_tied_init():
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32, dtype=torch.float64))
 
 
-golden = pytest.mark.skipif(not GOLDEN.is_file(), reason="needs ../shared/golden")
-
-
 @pytest.mark.shared
-@golden
-def test_golden_init_reproduced():
-    from safetensors.torch import load_file
-
-    g = load_file(GOLDEN)
+def test_golden_init_reproduced(golden):
     torch.manual_seed(42)
     sae = make_sae(SAEConfig(d_in=16, d_sae=64, dtype="float64"))
-    assert torch.equal(sae.W_dec, g["ghost.ctor.W_dec"])
-    assert torch.equal(sae.W_enc, g["ghost.init.W_enc"])
+    assert torch.equal(sae.W_dec, golden["ghost.ctor.W_dec"])
+    assert torch.equal(sae.W_enc, golden["ghost.init.W_enc"])
     assert not sae.b_enc.any() and not sae.b_dec.any()
 
 
 @pytest.mark.shared
-@golden
 @pytest.mark.parametrize("case", ["ghost", "noghost", "f32_ghost"])
-def test_golden_step_loss_and_gradients(case):
-    from safetensors.torch import load_file
-
-    g = {k[len(case) + 1 :]: v for k, v in load_file(GOLDEN).items() if k.startswith(case + ".")}
+def test_golden_step_loss_and_gradients(golden, case):
+    g = {k[len(case) + 1 :]: v for k, v in golden.items() if k.startswith(case + ".")}
     tol = 1e-5 if case == "f32_ghost" else 1e-10
     cfg = SAEConfig(d_in=16, d_sae=64, dtype=str(g["x"].dtype).removeprefix("torch."))
     sae = make_sae(dataclasses.replace(cfg))

@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from assets import GOLDEN_STEP
 from patchsae.backbones import TokenLayout
 from patchsae.cli import main
 from patchsae.config import ConfigError, from_dict, load_config, to_dict
@@ -28,9 +29,9 @@ from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_facto
 from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
 from patchsae.train.trainer import TrainingError, lr_at
+from run_files import metrics, untimed_metrics, weights
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden" / "patchsae_sae_step.safetensors"
 
 
 def make_store(root: Path, acts_ntd: np.ndarray) -> Path:
@@ -83,14 +84,6 @@ def config(store: Path, out: Path, **overrides) -> TrainConfig:
     }
     data.update(overrides)
     return from_dict(TrainConfig, data)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "sae.safetensors"))
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
@@ -283,11 +276,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(store: Path, tmp_path:
     resumed = train(cfg, resume=True)
     straight = train(config(store, tmp_path / "straight", **settings))
     assert_same(weights(resumed), weights(straight), atol=1e-6)
-
-    def rows(folder: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(folder)]
-
-    assert rows(resumed) == rows(straight)
+    assert untimed_metrics(resumed) == untimed_metrics(straight)
 
 
 def poisoned_store(root: Path, store: Path, step: int) -> Path:
@@ -341,10 +330,10 @@ def test_cli_trains_and_prints_the_output(store: Path, tmp_path: Path, capsys) -
     assert main(["train", str(cfg_file), *args, "lr=1"]) == 2
 
 
-@pytest.mark.skipif(not GOLDEN.is_file(), reason="needs ../shared/golden")
+@pytest.mark.skipif(not GOLDEN_STEP.is_file(), reason="needs ../shared/golden")
 def test_first_step_matches_the_original_patchsae(tmp_path: Path) -> None:
     """One default-recipe step (float64, seed 42, b_dec from the same batch) = the golden step."""
-    g = load_file(str(GOLDEN))
+    g = load_file(str(GOLDEN_STEP))
     store = make_store(tmp_path / "s", g["noghost.x"].float().numpy())
     sae = {"d_in": 16, "d_sae": 64, "dtype": "float64"}
     cfg = config(store, tmp_path / "run", sae=sae, seed=42, lr=4e-4, warmup_steps=500)

@@ -11,7 +11,8 @@ import yaml
 
 from patchsae.config import to_dict
 from patchsae.train import train
-from test_train import config, make_store, metrics, tiny_acts, weights
+from run_files import metrics, weights
+from test_train import config, make_store, tiny_acts
 
 TIMEOUT_S = 180
 

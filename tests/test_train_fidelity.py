@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from assets import CLIP_TOKENIZER
 from patchsae.backbones import TokenLayout, load_backbone
 from patchsae.config import ConfigError, from_dict
 from patchsae.data.images import DataConfig, image_batches, open_images, shuffled_order
@@ -19,9 +20,8 @@ from patchsae.metrics.fidelity import downstream_fidelity
 from patchsae.sae.io import load
 from patchsae.train import TrainConfig, train
 from patchsae.train.config import FidelityConfig
+from tiny_models import tiny_clip
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "assets" / "clip-tokenizer"
 CLASSES = ("bird", "cat", "dog")
 TEMPLATES = ("a photo of a {name}.", "a blurry {name}.")
 KEYS = ("ce_original", "ce_spliced", "ce_zero", "fraction_recovered")
@@ -31,27 +31,14 @@ KEYS += ("acc_original", "acc_spliced", "acc_zero", "n_images")
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-block CLIP of width 64 on 32x32 images (16 patches + CLS), saved without tokenizer."""
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"CLIP tokenizer not found at {TOKENIZER}")
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-    cfg = CLIPConfig(
-        text_config={**small, "num_attention_heads": 4, "max_position_embeddings": 77},
-        vision_config={**small, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        projection_dim=32,
+    if not CLIP_TOKENIZER.is_dir():
+        pytest.skip(f"CLIP tokenizer not found at {CLIP_TOKENIZER}")
+    model, processor = tiny_clip(
+        width=64, n_layers=2, heads=4, image_size=32, patch_size=8, projection_dim=32
     )
-    model = CLIPModel(cfg).eval()
-    with torch.no_grad():  # nonzero LayerNorm biases, so zero-ablated tokens still embed
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.bias.normal_(0.0, 0.5)
     folder = tmp_path_factory.mktemp("tinyclip")
     model.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -92,7 +79,7 @@ def fidelity_dict(images: Path) -> dict:
         "seed": 3,
         "batch_size": 4,
         "templates": list(TEMPLATES),
-        "tokenizer": str(TOKENIZER),
+        "tokenizer": str(CLIP_TOKENIZER),
     }
 
 
@@ -130,7 +117,7 @@ def test_fidelity_logged_at_eval_steps_matches_direct_call(
     assert not any(k.startswith("eval/fidelity") for r in train_lines for k in r)
     assert evals[0]["eval/fidelity/ce_spliced"] != evals[-1]["eval/fidelity/ce_spliced"]
 
-    backbone = load_backbone(clip_dir, tokenizer=TOKENIZER)
+    backbone = load_backbone(clip_dir, tokenizer=CLIP_TOKENIZER)
     source = open_images(DataConfig(source=str(images)))
     order = shuffled_order(len(source), 3)[:9]
     batches = (

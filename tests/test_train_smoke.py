@@ -8,19 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from assets import DINOV2, FASHION_MNIST
 from patchsae.config import from_dict
 from patchsae.data.images import DataConfig
 from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODEL = SHARED / "assets" / "dinov2-small-imgfocus"
-IMAGES = SHARED / "data" / "fashion-mnist-small" / "train"
+IMAGES = FASHION_MNIST / "train"
 
 pytestmark = [
     pytest.mark.shared,
     pytest.mark.slow,
-    pytest.mark.skipif(not (MODEL.is_dir() and IMAGES.is_dir()), reason="needs ../shared assets"),
+    pytest.mark.skipif(not (DINOV2.is_dir() and IMAGES.is_dir()), reason="needs ../shared assets"),
 ]
 
 
@@ -28,7 +27,7 @@ def test_relu_sae_learns_dinov2_fashion_mnist(tmp_path: Path) -> None:
     torch.set_num_threads(2)  # real data: use both cores; conftest restores 1 afterwards
     store = extract(
         ExtractConfig(
-            model=str(MODEL),
+            model=str(DINOV2),
             data=DataConfig(source=str(IMAGES)),
             layers=(-2,),
             out=str(tmp_path / "store"),

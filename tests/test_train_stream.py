@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
 
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.data.images import DataConfig, shuffled_order
@@ -25,6 +24,8 @@ from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
 from patchsae.train import trainer as trainer_module
 from patchsae.train.sources import SourceError, StreamSource, epoch_seed
+from run_files import untimed_metrics, weights
+from tiny_models import save_tiny_vit
 
 N_IMAGES, EVAL, T, D = 14, 2, 5, 16
 N_TRAIN = N_IMAGES - EVAL
@@ -33,21 +34,8 @@ N_TRAIN = N_IMAGES - EVAL
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-block ViT (width 16, 16 px, patch 8: CLS + 4 patches) saved with save_pretrained."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
     folder = tmp_path_factory.mktemp("tinyvit")
-    cfg = ViTConfig(
-        hidden_size=D,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=16,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
+    return save_tiny_vit(folder, width=D, n_layers=2, heads=2, image_size=16, patch_size=8)
 
 
 def make_folder(root: Path, broken: tuple[str, ...] = ()) -> Path:
@@ -109,15 +97,6 @@ def config(model: Path, images: Path, out: Path, **overrides) -> TrainConfig:
     }
     data.update(overrides)
     return from_dict(TrainConfig, data)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "sae.safetensors"))
-
-
-def metrics(folder: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -202,10 +181,10 @@ def test_streaming_training_is_deterministic_by_seed(
     b = train(config(model, images, tmp_path / "b", total_images=18))
     c = train(config(model, images, tmp_path / "c", total_images=18, seed=1))
     assert max_diff(weights(a), weights(b)) == 0.0
-    assert metrics(a) == metrics(b)
+    assert untimed_metrics(a) == untimed_metrics(b)
     assert not torch.equal(weights(a)["W_enc"], weights(c)["W_enc"])
-    assert [r["step"] for r in metrics(a) if "eval/fvu" in r] == [0, 6]
-    train_rows = [r for r in metrics(a) if "lr" in r]
+    assert [r["step"] for r in untimed_metrics(a) if "eval/fvu" in r] == [0, 6]
+    train_rows = [r for r in untimed_metrics(a) if "lr" in r]
     assert [r["images"] for r in train_rows] == [3 * s for s in range(1, 7)]
     assert all(r["tokens"] == T * r["images"] for r in train_rows)
 
@@ -238,13 +217,13 @@ def test_resume_from_a_mid_window_checkpoint_equals_a_straight_run(
     assert state["step"] == 6
     position = state["data_position"]
     assert position["offset"] > 0, f"the checkpoint is not mid-window: {position}"
-    assert max(r["step"] for r in metrics(tmp_path / "cut")) == 8
+    assert max(r["step"] for r in untimed_metrics(tmp_path / "cut")) == 8
 
     resumed = train(cfg, resume=True)
     straight = train(config(model, images, tmp_path / "straight", **extra))
     assert max_diff(weights(resumed), weights(straight)) <= 1e-6
-    assert metrics(resumed) == metrics(straight)
-    assert metrics(straight)[-1]["step"] == 12
+    assert untimed_metrics(resumed) == untimed_metrics(straight)
+    assert untimed_metrics(straight)[-1]["step"] == 12
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(
@@ -271,7 +250,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
     resumed = train(cfg, resume=True)
     straight = train(config(model, images, tmp_path / "straight", **settings))
     assert max_diff(weights(resumed), weights(straight)) <= 1e-6
-    assert metrics(resumed) == metrics(straight)
+    assert untimed_metrics(resumed) == untimed_metrics(straight)
 
 
 def test_broken_images_are_skipped_and_reported_once(model: Path, tmp_path: Path) -> None:
@@ -280,7 +259,7 @@ def test_broken_images_are_skipped_and_reported_once(model: Path, tmp_path: Path
     report = json.loads((out / "bad_images.json").read_text())
     assert [r["example_id"] for r in report] == [1]
     assert report[0]["where"].endswith("002.png")
-    rows = [r for r in metrics(out) if "lr" in r]
+    rows = [r for r in untimed_metrics(out) if "lr" in r]
     assert rows[-1]["images"] == 33 and len(rows) == 11
 
 
