@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -29,7 +25,7 @@ from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_facto
 from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
 from patchsae.train.trainer import TrainingError, lr_at
-from run_files import metrics, untimed_metrics, weights
+from run_files import kill_after_first_checkpoint, metrics, untimed_metrics, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,22 +250,7 @@ def test_resume_refuses_a_different_config(store: Path, tmp_path: Path) -> None:
 def test_resume_after_sigkill_equals_an_uninterrupted_run(store: Path, tmp_path: Path) -> None:
     settings = {"total_images": 4 * 600, "checkpoint_every": 5, "log_every": 50}
     cfg = config(store, tmp_path / "killed", **settings)
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "patchsae", "train", str(cfg_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    state = json.loads(marker.read_text())
+    state = kill_after_first_checkpoint(cfg, tmp_path)
     assert 0 < state["step"] < 600, "the run was not interrupted mid-way"
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "los')  # a kill in the middle of an append

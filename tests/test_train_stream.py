@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from patchsae.config import ConfigError, from_dict, to_dict
+from patchsae.config import ConfigError, from_dict
 from patchsae.data.images import DataConfig, shuffled_order
 from patchsae.data.store import ActivationStore
 from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
 from patchsae.train import trainer as trainer_module
 from patchsae.train.sources import SourceError, StreamSource, epoch_seed
-from run_files import untimed_metrics, weights
+from run_files import kill_after_first_checkpoint, untimed_metrics, weights
 from tiny_models import save_tiny_vit
 
 N_IMAGES, EVAL, T, D = 14, 2, 5, 16
@@ -231,21 +225,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
 ) -> None:
     settings = {"total_images": 3 * 400, "checkpoint_every": 7, "log_every": 50}
     cfg = config(model, images, tmp_path / "killed", **settings)
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "patchsae", "train", str(cfg_file)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    state = json.loads(marker.read_text())
+    state = kill_after_first_checkpoint(cfg, tmp_path)
     assert 0 < state["step"] < 400, "the run was not interrupted mid-way"
     resumed = train(cfg, resume=True)
     straight = train(config(model, images, tmp_path / "straight", **settings))
