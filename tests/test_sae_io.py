@@ -6,11 +6,14 @@ import contextlib
 import dataclasses
 import functools
 import gzip
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import textwrap
+import tracemalloc
 import types
 import zipfile
 from pathlib import Path
@@ -32,7 +35,12 @@ from patchsae.sae.io import (
     save,
 )
 from patchsae.sae.registry import available_archs, make_sae
-from patchsae.sae.unpickle import PickleRefused, read_pickled_checkpoint
+from patchsae.sae.unpickle import (
+    LEGACY_MAGIC,
+    LEGACY_PROTOCOL,
+    PickleRefused,
+    read_pickled_checkpoint,
+)
 
 ORIGINAL_MODULE = "src.sae_training.config"
 
@@ -531,3 +539,157 @@ def test_malicious_config_state_and_getattr_are_refused(tmp_path):
     with pytest.raises(PickleRefused, match="refused global builtins.getattr"):
         read_pickled_checkpoint(hand)
     assert not marker.exists()
+
+
+def test_storage_type_markers_take_no_state(tmp_path):
+    for name, state in [("dict", b"}"), ("slots", b"(N}")]:
+        close = b"t" if name == "slots" else b""
+        hand = tmp_path / f"{name}.pkl"
+        dtype_entry = b"S'dtype'\nctorch\nint64\ns"
+        hand.write_bytes(b"ctorch\nFloatStorage\n" + state + dtype_entry + close + b"b.")
+        with pytest.raises(PickleRefused, match="torch.FloatStorage takes no pickled state"):
+            read_pickled_checkpoint(hand)
+
+
+def test_torch_names_are_looked_up_without_torch_getattr(tmp_path, monkeypatch):
+    asked = []
+
+    def spy(name):
+        asked.append(name)
+        raise AttributeError(name)
+
+    monkeypatch.setattr(torch, "__getattr__", spy)
+    hand = tmp_path / "lazy.pkl"
+    hand.write_bytes(b"ctorch\nno_such_name\n.")
+    with pytest.raises(PickleRefused, match="refused global torch.no_such_name"):
+        read_pickled_checkpoint(hand)
+    hand.write_bytes(b"ctorch\nhalf\n.")
+    assert read_pickled_checkpoint(hand) is torch.float16
+    assert asked == []
+
+
+class StorageRef:
+    """Pickles as the persistent id of a float32 storage of ``numel`` elements."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRef):
+            return ("storage", torch.float32, obj.key, "cpu", obj.numel, None)
+        return None
+
+
+def write_legacy_storage_ids(path: Path, n_ids: int, pad_bytes: int) -> Path:
+    """A legacy stream padded to ``pad_bytes`` whose object names ``n_ids`` storages, each
+    claiming the whole padding; no storage data follows."""
+    with open(path, "wb") as handle:
+        for part in (
+            LEGACY_MAGIC,
+            LEGACY_PROTOCOL,
+            {"little_endian": True, "pad": bytes(pad_bytes)},
+        ):
+            pickle.dump(part, handle, protocol=2)
+        refs = [StorageRef(str(i), pad_bytes // 4) for i in range(n_ids)]
+        StoragePickler(handle, protocol=2).dump(refs)
+        pickle.dump([ref.key for ref in refs], handle, protocol=2)
+    return path
+
+
+def test_legacy_storage_ids_cannot_claim_the_file_many_times(tmp_path):
+    path = write_legacy_storage_ids(tmp_path / "ids.pt", n_ids=1000, pad_bytes=2**19)
+    with pytest.raises(PickleRefused, match="storage 1 .*more than the checkpoint holds"):
+        read_pickled_checkpoint(path)
+    probe = textwrap.dedent(
+        """
+        import resource, sys
+        from patchsae.sae.unpickle import PickleRefused, read_pickled_checkpoint
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_pickled_checkpoint(sys.argv[1])
+        except PickleRefused:
+            print("refused")
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True
+    )
+    refused, grown_kib = result.stdout.split()
+    assert refused == "refused"
+    assert int(grown_kib) < 64 * 1024, f"peak RSS grew by {grown_kib} KiB"
+
+
+def test_repeated_load_from_bytes_is_refused(tmp_path):
+    blob = io.BytesIO()
+    torch.save(torch.arange(2**14, dtype=torch.float32), blob, _use_new_zipfile_serialization=False)
+    once = Payload(torch.storage._load_from_bytes, (blob.getvalue(),))
+    path = write_pickle(tmp_path / "once.pkl.gz", [once], "gz")
+    assert torch.equal(read_pickled_checkpoint(path)[0], torch.arange(2**14, dtype=torch.float32))
+    calls = [Payload(torch.storage._load_from_bytes, (blob.getvalue(),)) for _ in range(20)]
+    path = write_pickle(tmp_path / "many.pkl.gz", calls, "gz")
+    with pytest.raises(PickleRefused, match="more than the checkpoint holds"):
+        read_pickled_checkpoint(path)
+
+
+def traced_peak(func) -> int:
+    """Peak bytes Python allocated while ``func()`` ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        func()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_repeated_latin1_encode_shares_one_result(tmp_path):
+    import codecs
+
+    text = "x" * 2**20
+    path = tmp_path / "encode.pkl"
+    path.write_bytes(pickle.dumps([Payload(codecs.encode, (text, "latin1")) for _ in range(64)]))
+    found = []
+    peak = traced_peak(lambda: found.extend(read_pickled_checkpoint(path)))
+    assert len(found) == 64 and found[0] == text.encode("latin1")
+    assert all(item is found[0] for item in found)
+    assert peak < 16 * 2**20, f"peak {peak} bytes"
+
+
+def test_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    bomb = tmp_path / "bomb.pkl.gz"
+    with gzip.open(bomb, "wb", compresslevel=1) as handle:
+        for _ in range(64):
+            handle.write(bytes(2**20))
+    assert bomb.stat().st_size < 2**20
+
+    def refused():
+        with pytest.raises(PickleRefused, match="decompressed.*larger than max_bytes=1048576"):
+            read_pickled_checkpoint(bomb, max_bytes=2**20)
+
+    peak = traced_peak(refused)
+    assert peak < 8 * 2**20, f"peak {peak} bytes"
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(list(range(2**10))))
+    assert read_pickled_checkpoint(plain) == list(range(2**10))
+    with pytest.raises(PickleRefused, match="plain.pkl is larger than max_bytes=1024"):
+        read_pickled_checkpoint(plain, max_bytes=2**10)
+
+
+def test_zip_members_past_max_bytes_are_refused_before_reading(tmp_path):
+    saved = write_pickle(tmp_path / "big.pt", {"w": torch.zeros(2**22)}, "zip")
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    assert bomb.stat().st_size < 2**20
+    assert torch.equal(read_pickled_checkpoint(bomb)["w"], torch.zeros(2**22))
+
+    def refused():
+        with pytest.raises(PickleRefused, match=r"zip member .*data/0 \(16777216 bytes\)"):
+            read_pickled_checkpoint(bomb, max_bytes=2**20)
+
+    peak = traced_peak(refused)
+    assert peak < 4 * 2**20, f"peak {peak} bytes"

@@ -14,6 +14,13 @@ The unpickler resolves globals only from an explicit allow-list:
   their pickled state as a dict (the real class is never imported).
 
 Any other global makes the load fail with ``PickleRefused`` naming it.
+
+Memory stays linear in the file: the bytes read (the plain or decompressed gzip stream, or the
+zip members used) may total at most ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``, 16 GiB),
+checked before reading a zip member and chunk by chunk while reading a stream; storages rebuilt
+from inside a pickle stream (legacy storages, ``_load_from_bytes``) may together claim at most
+as many bytes as that stream holds; and ``_codecs.encode`` returns one shared result per
+distinct string.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ import struct
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_CHECKPOINT_BYTES = 16 * 2**30
+READ_CHUNK_BYTES = 2**20
 
 STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -46,6 +55,9 @@ STORAGE_DTYPES = {
     "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
     "UntypedStorage": torch.uint8,
+}
+TORCH_DTYPES = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
 }
 
 
@@ -79,11 +91,37 @@ class Placeholder:
 
 
 class _StorageType:
-    """Marker for ``torch.FloatStorage`` and friends: only its dtype matters."""
+    """Marker for ``torch.FloatStorage`` and friends: only its dtype matters; a pickle cannot
+    give it state."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.dtype = STORAGE_DTYPES[name]
+
+    def __setstate__(self, state: Any) -> None:
+        raise PickleRefused(f"storage type torch.{self.name} takes no pickled state")
+
+
+class _Budget:
+    """Bytes that storages rebuilt from a pickle stream may still claim.
+
+    It starts at the size of the outermost pickle stream: every storage a genuine file rebuilds
+    there is backed by its own bytes in that stream, so a small file cannot claim one region
+    for many large storages.
+    """
+
+    def __init__(self, available: int) -> None:
+        self.available = available
+
+    def claim(self, nbytes: int, what: str) -> None:
+        if nbytes > self.available:
+            raise PickleRefused(
+                f"{what} claims {nbytes} bytes, more than the checkpoint holds "
+                f"({self.available} bytes left unclaimed)"
+            )
+        self.available -= nbytes
 
 
 class _Storage:
@@ -155,12 +193,6 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data
 
 
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise PickleRefused(f"_codecs.encode is only allowed on str with latin1, got {encoding!r}")
-    return text.encode("latin1")
-
-
 def _placeholder_class(module: str, name: str) -> type[Placeholder]:
     return type(name, (Placeholder,), {"pickled_module": module, "pickled_name": name})
 
@@ -174,10 +206,14 @@ class _Unpickler(pickle.Unpickler):
         *,
         placeholder_modules: Iterable[str],
         load_storage: Callable[[tuple], _Storage] | None,
+        budget: _Budget,
+        encoded: dict[str, bytes],
     ) -> None:
         super().__init__(file)
         self._placeholder_modules = frozenset(placeholder_modules)
         self._load_storage = load_storage
+        self._budget = budget
+        self._encoded = encoded
         self._placeholders: dict[tuple[str, str], type[Placeholder]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -203,7 +239,7 @@ class _Unpickler(pickle.Unpickler):
             ("collections", "OrderedDict"): collections.OrderedDict,
             ("builtins", "set"): set,
             ("builtins", "frozenset"): frozenset,
-            ("_codecs", "encode"): _codecs_encode,
+            ("_codecs", "encode"): self._codecs_encode,
             ("torch", "device"): torch.device,
             ("torch", "Size"): torch.Size,
             ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -215,8 +251,8 @@ class _Unpickler(pickle.Unpickler):
             return fixed[key]
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in TORCH_DTYPES:
+            return TORCH_DTYPES[name]
         return None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -226,10 +262,23 @@ class _Unpickler(pickle.Unpickler):
             raise PickleRefused(f"unsupported persistent id {pid!r}: only storages are allowed")
         return self._load_storage(pid)
 
+    def _codecs_encode(self, text: Any, encoding: Any = "utf-8") -> bytes:
+        """``text.encode("latin1")``, one shared result per distinct string (bytes are immutable),
+        so calling it again on a memoized string allocates nothing."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise PickleRefused(
+                f"_codecs.encode is only allowed on str with latin1, got {encoding!r}"
+            )
+        if text not in self._encoded:
+            self._encoded[text] = text.encode("latin1")
+        return self._encoded[text]
+
     def _load_from_bytes(self, data: Any) -> Any:
         if not isinstance(data, bytes):
             raise PickleRefused("torch.storage._load_from_bytes expects bytes")
-        return _read_legacy(io.BytesIO(data), self._placeholder_modules)
+        return _read_legacy(
+            io.BytesIO(data), self._placeholder_modules, self._budget, self._encoded
+        )
 
 
 def _storage_spec(pid: tuple, n_fields: int) -> tuple[torch.dtype, str, int]:
@@ -248,14 +297,45 @@ def _storage_spec(pid: tuple, n_fields: int) -> tuple[torch.dtype, str, int]:
     return dtype, key, numel
 
 
-def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str]) -> Any:
-    """The object of a zip-format ``torch.save`` archive."""
+def _too_large(what: str, limit: int) -> PickleRefused:
+    return PickleRefused(
+        f"{what} is larger than max_bytes={limit} bytes; pass a larger max_bytes to "
+        "read_pickled_checkpoint if the file is trusted and really that large"
+    )
+
+
+def _read_capped(handle: IO[bytes], limit: int, what: str) -> bytes:
+    """All of ``handle``, read (and decompressed) in chunks; refused once past ``limit`` bytes."""
+    buffer = io.BytesIO()
+    while chunk := handle.read(READ_CHUNK_BYTES):
+        if buffer.tell() + len(chunk) > limit:
+            raise _too_large(what, limit)
+        buffer.write(chunk)
+    return buffer.getvalue()
+
+
+def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str], max_bytes: int) -> Any:
+    """The object of a zip-format ``torch.save`` archive, reading at most ``max_bytes``
+    uncompressed bytes from its members."""
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise PickleRefused("zip archive is not a torch checkpoint: no single <name>/data.pkl")
     prefix = pickles[0][: -len("data.pkl")]
     names = set(archive.namelist())
-    if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+    left = max_bytes
+
+    def read_member(name: str) -> bytes:
+        nonlocal left
+        size = archive.getinfo(name).file_size
+        if size > left:
+            raise _too_large(
+                f"zip member {name} ({size} bytes) with the members read before", max_bytes
+            )
+        left -= size
+        with archive.open(name) as handle:
+            return _read_capped(handle, size, f"zip member {name}")
+
+    if f"{prefix}byteorder" in names and read_member(f"{prefix}byteorder") != b"little":
         raise PickleRefused("big-endian torch checkpoints are not supported")
     storages: dict[str, _Storage] = {}
 
@@ -271,47 +351,62 @@ def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str]) -> A
                     f"storage {key}: expected {numel * itemsize} bytes ({numel} x {dtype}), "
                     f"found {archive.getinfo(name).file_size}"
                 )
-            storages[key] = _Storage(_flat_from_bytes(archive.read(name), dtype, numel, key))
+            storages[key] = _Storage(_flat_from_bytes(read_member(name), dtype, numel, key))
         if storages[key].flat.dtype != dtype:
             raise PickleRefused(f"storage {key} is used with two dtypes")
         return storages[key]
 
-    stream = io.BytesIO(archive.read(pickles[0]))
+    data = read_member(pickles[0])
     return _Unpickler(
-        stream, placeholder_modules=placeholder_modules, load_storage=load_storage
+        io.BytesIO(data),
+        placeholder_modules=placeholder_modules,
+        load_storage=load_storage,
+        budget=_Budget(len(data)),
+        encoded={},
     ).load()
 
 
-def _read_legacy(stream: io.BytesIO, placeholder_modules: Iterable[str]) -> Any:
-    """The object of a legacy (pre-zip) ``torch.save`` stream, storages included."""
+def _read_legacy(
+    stream: io.BytesIO,
+    placeholder_modules: Iterable[str],
+    budget: _Budget,
+    encoded: dict[str, bytes],
+) -> Any:
+    """The object of a legacy (pre-zip) ``torch.save`` stream, storages included; each storage
+    claims its size from ``budget`` before it is allocated."""
 
-    def plain() -> Any:
-        return _Unpickler(stream, placeholder_modules=placeholder_modules, load_storage=None).load()
+    def unpickler(load_storage: Callable[[tuple], _Storage] | None) -> _Unpickler:
+        return _Unpickler(
+            stream,
+            placeholder_modules=placeholder_modules,
+            load_storage=load_storage,
+            budget=budget,
+            encoded=encoded,
+        )
 
-    if plain() != LEGACY_MAGIC:
+    if unpickler(None).load() != LEGACY_MAGIC:
         raise PickleRefused("not a legacy torch stream: wrong magic number")
-    if plain() != LEGACY_PROTOCOL:
+    if unpickler(None).load() != LEGACY_PROTOCOL:
         raise PickleRefused("unsupported legacy torch protocol version")
-    sys_info = plain()
+    sys_info = unpickler(None).load()
     if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
         raise PickleRefused("big-endian torch checkpoints are not supported")
     storages: dict[str, _Storage] = {}
-    total_bytes = len(stream.getbuffer())
 
     def load_storage(pid: tuple) -> _Storage:
         dtype, key, numel = _storage_spec(pid, 6)
         if pid[5] is not None:
             raise PickleRefused("legacy storage views are not supported")
-        if numel * torch.empty((), dtype=dtype).element_size() > total_bytes:
-            raise PickleRefused(f"storage {key} claims {numel} elements, more than the file holds")
         if key not in storages:
-            storages[key] = _Storage(torch.zeros(numel, dtype=dtype))
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            budget.claim(numel * itemsize, f"storage {key} ({numel} x {dtype})")
+            storages[key] = _Storage(torch.empty(numel, dtype=dtype))
+        if storages[key].flat.dtype != dtype:
+            raise PickleRefused(f"storage {key} is used with two dtypes")
         return storages[key]
 
-    result = _Unpickler(
-        stream, placeholder_modules=placeholder_modules, load_storage=load_storage
-    ).load()
-    keys = plain()
+    result = unpickler(load_storage).load()
+    keys = unpickler(None).load()
     if not isinstance(keys, list) or set(keys) != set(storages):
         raise PickleRefused("legacy torch stream: storage keys do not match the object")
     for key in keys:
@@ -327,11 +422,17 @@ def _read_legacy(stream: io.BytesIO, placeholder_modules: Iterable[str]) -> Any:
     return result
 
 
-def read_pickled_checkpoint(path: str | Path, placeholder_modules: Iterable[str] = ()) -> Any:
+def read_pickled_checkpoint(
+    path: str | Path,
+    placeholder_modules: Iterable[str] = (),
+    max_bytes: int = MAX_CHECKPOINT_BYTES,
+) -> Any:
     """The object stored at ``path`` by ``torch.save`` (zip or legacy) or ``pickle.dump`` (gzip
     or not), rebuilt without importing or calling anything outside the allow-list.
 
-    Raises ``PickleRefused`` for a refused global or a malformed file.
+    ``max_bytes`` caps the uncompressed bytes read: the whole plain or gzip stream, or the zip
+    members together. Raises ``PickleRefused`` for a refused global, a file past ``max_bytes``
+    or a malformed file.
     """
     path = Path(path)
     placeholder_modules = tuple(placeholder_modules)
@@ -340,12 +441,13 @@ def read_pickled_checkpoint(path: str | Path, placeholder_modules: Iterable[str]
     try:
         if head.startswith(b"PK\x03\x04"):
             with zipfile.ZipFile(path) as archive:
-                return _read_zip(archive, placeholder_modules)
+                return _read_zip(archive, placeholder_modules, max_bytes)
         if head.startswith(b"\x1f\x8b"):
             with gzip.open(path, "rb") as handle:
-                data = handle.read()
+                data = _read_capped(handle, max_bytes, f"{path} (decompressed)")
         else:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                data = _read_capped(handle, max_bytes, str(path))
         return _read_stream(data, placeholder_modules)
     except PickleRefused:
         raise
@@ -360,9 +462,16 @@ def read_pickled_checkpoint(path: str | Path, placeholder_modules: Iterable[str]
 def _read_stream(data: bytes, placeholder_modules: tuple[str, ...]) -> Any:
     """A plain pickle, or a legacy torch stream when the first pickle is the torch magic."""
     stream = io.BytesIO(data)
-    first = _Unpickler(stream, placeholder_modules=placeholder_modules, load_storage=None).load()
+    budget, encoded = _Budget(len(data)), {}
+    first = _Unpickler(
+        stream,
+        placeholder_modules=placeholder_modules,
+        load_storage=None,
+        budget=budget,
+        encoded=encoded,
+    ).load()
     if first == LEGACY_MAGIC:
-        return _read_legacy(io.BytesIO(data), placeholder_modules)
+        return _read_legacy(io.BytesIO(data), placeholder_modules, budget, encoded)
     if stream.read(1):
         raise PickleRefused("unexpected data after the pickled object")
     return first
