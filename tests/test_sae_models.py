@@ -189,12 +189,71 @@ def test_auxk_against_brute_force():
             dead_pre = sorted(((float(pre[n, j]), j) for j in range(32) if dead[j]), reverse=True)
             for value, j in dead_pre[:6]:
                 recon[n] += max(value, 0.0) * sae.W_dec[j]
-        aux = ((recon - residual) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
-        mse = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        aux = sum(
+            ((recon[n] - residual[n]) ** 2).sum() / (residual[n] ** 2).sum() for n in range(7)
+        )
+        mse = sum(((x_hat[n] - x[n]) ** 2).sum() / (x[n] ** 2).sum() for n in range(7))
+        aux, mse = aux / 7, mse / 7
     assert float(out.terms["aux"]) == pytest.approx(float(aux), rel=1e-12)
     assert float(out.terms["mse"]) == pytest.approx(float(mse), rel=1e-12)
     assert float(out.total.detach()) == pytest.approx(float(mse + 0.25 * aux), rel=1e-12)
     assert float(sae.loss(x, dead_mask=torch.zeros(32, dtype=torch.bool)).terms["aux"]) == 0.0
+
+
+def per_token_nmse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of ||x_hat_n - x_n||^2 / ||x_n||^2, a token with x_n = 0 counting 0."""
+    ratios = [
+        ((x_hat[n] - x[n]) ** 2).sum() / (x[n] ** 2).sum() if x[n].any() else x.new_zeros(())
+        for n in range(len(x))
+    ]
+    return torch.stack(ratios).mean()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_k_sparse_loss_is_per_token_normalised(arch):
+    sae = small(arch, aux_coefficient=0.5)
+    sae.train()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(9, 8, dtype=torch.float64)
+    x[4] = 0.0
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    out = sae.loss(x, dead_mask=dead)
+    with torch.no_grad():
+        x_hat = out.x_hat
+        pre = sae.pre_acts(x).masked_fill(~dead, float("-inf"))
+        values, indices = pre.topk(6, dim=-1)
+        recon = torch.zeros(9, 32, dtype=torch.float64).scatter(-1, indices, torch.relu(values))
+        mse = per_token_nmse(x_hat, x)
+        aux = per_token_nmse(recon @ sae.W_dec, x - x_hat)
+    assert (x_hat[4] != 0).any() and mse > 0 and aux > 0
+    assert float(out.terms["mse"]) == pytest.approx(float(mse), rel=1e-12)
+    assert float(out.terms["aux"]) == pytest.approx(float(aux), rel=1e-12)
+    assert float(out.total.detach()) == pytest.approx(float(mse + 0.5 * aux), rel=1e-12)
+    out.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+
+
+def test_topk_loss_of_batch_is_mean_of_halves():
+    """Data parallel training averages the ranks' gradients: exact for a per-token mean loss."""
+    sae = small("topk", aux_coefficient=0.25)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        x[1] += 3.0 * torch.randn(8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[0, 5, 11, 17, 23, 30]] = True
+    full_out = sae.loss(x, dead_mask=dead)
+    full = grads(sae, full_out.total)
+    halves = [sae.loss(half, dead_mask=dead) for half in (x[:1], x[1:])]
+    parts = [grads(sae, h.total) for h in halves]
+    assert float(full_out.terms["aux"]) > 0
+    for key in ("mse", "aux", "total"):
+        mean = (halves[0].terms[key] + halves[1].terms[key]) / 2
+        assert rel_err(full_out.terms[key], mean) < 1e-12, key
+    for name in full:
+        assert rel_err(full[name], (parts[0][name] + parts[1][name]) / 2) < 1e-12, name
+    assert torch.equal(full_out.fire_counts, halves[0].fire_counts + halves[1].fire_counts)
 
 
 def _relu_sae(dtype: str, l0_offset: float, ghost: bool) -> SAE:
@@ -250,9 +309,8 @@ def test_topk_sparse_kernels_match_dense_autograd(dtype, tol):
     residual = (x - x_hat).detach()
     aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(16, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(-1, aux_indices, torch.relu(aux_values))
-    variance = ((residual - residual.mean(0)) ** 2).sum()
-    aux = ((aux_codes @ sae.W_dec - residual) ** 2).sum() / variance
-    mse = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    aux = (((aux_codes @ sae.W_dec - residual) ** 2).sum(-1) / (residual**2).sum(-1)).mean()
+    mse = (((x_hat - x) ** 2).sum(-1) / (x**2).sum(-1)).mean()
     ref_total = mse + sae.cfg.aux_coefficient * aux
     ref = grads(sae, ref_total)
     assert rel_err(out.total.detach(), ref_total.detach()) < tol

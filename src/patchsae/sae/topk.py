@@ -1,8 +1,10 @@
 """``topk`` (Gao et al. 2024) and ``batchtopk`` (Bussmann et al. 2024) SAEs with the AuxK loss.
 
-Both use the OpenAI normalised MSE: ``sum ||x_hat - x||^2 / sum ||x - mean(x)||^2`` over the
-tokens of the batch (the reconstruction error relative to predicting the batch mean), plus
-``aux_coefficient`` times the AuxK loss on the dead latents.
+Both use the per-token normalised MSE ``mean_n ||x_hat_n - x_n||^2 / ||x_n||^2`` (OpenAI's
+``normalized_mean_squared_error``), plus ``aux_coefficient`` times the AuxK loss on the dead
+latents, normalised per token the same way. Both terms are means over tokens, so the loss of a
+batch is the mean of the losses of equal slices of it (data parallel training is exact for
+``topk``; ``batchtopk`` selects over the whole batch, so its codes are not).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from patchsae.sae.registry import register_sae
 
 
 def normalized_mse(x_hat_nd: Tensor, x_nd: Tensor) -> Tensor:
-    """``sum (x_hat - x)^2 / sum (x - x.mean(0))^2`` over all n tokens and d; 0 if x is constant."""
-    variance = (x_nd - x_nd.mean(0)).pow(2).sum()
-    error = (x_hat_nd - x_nd).pow(2).sum()
-    return torch.where(variance > 0, error / variance.clamp_min(torch.finfo(x_nd.dtype).tiny), 0)
+    """``mean_n ||x_hat_n - x_n||^2 / ||x_n||^2`` over the n tokens of (n, d) inputs.
+
+    A token with ``x_n = 0`` contributes 0 (and still counts in the mean).
+    """
+    norm_n = x_nd.pow(2).sum(-1)
+    error_n = (x_hat_nd - x_nd).pow(2).sum(-1)
+    ratio_n = error_n / norm_n.clamp_min(torch.finfo(x_nd.dtype).tiny)
+    return torch.where(norm_n > 0, ratio_n, 0).mean()
 
 
 def auxk_loss(
@@ -28,8 +34,9 @@ def auxk_loss(
     """AuxK: reconstruct the detached residual ``x - x_hat`` (n, d) from dead latents only.
 
     Per token, the top ``min(aux_k, n_dead)`` pre-activations among dead latents (ReLU applied)
-    are decoded without b_dec and scored with ``normalized_mse`` against the residual. Returns a
-    differentiable scalar, 0 when no latent is dead.
+    are decoded without b_dec and scored with ``normalized_mse`` against the residual (each
+    token's error divided by its residual's squared norm). Returns a differentiable scalar, 0
+    when no latent is dead.
     """
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
     if n_dead == 0:
@@ -90,6 +97,8 @@ class BatchTopKSAE(_KSparseSAE):
     Each training step (module in training mode) updates the buffer ``threshold`` with an EMA
     (``threshold_momentum``) of the smallest activation kept; the first step sets it directly.
     Inference keeps the activations above it, so one token's codes do not depend on its batch.
+    Training codes do, so the loss of a batch is not the mean of its slices' losses: train it in
+    a single process.
     """
 
     def __init__(self, cfg):
