@@ -1,6 +1,9 @@
 """Atomic writes leave the old file or the new one, never a mix, and no temporary files."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,36 @@ def test_write_with_renames_what_the_writer_wrote(tmp_path):
     write_with(path, lambda tmp: tmp.write_bytes(b"payload"))
     assert path.read_bytes() == b"payload"
     assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_files_get_the_mode_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"x")
+        paths = [tmp_path / "a.json", tmp_path / "b.bin", tmp_path / "c.bin"]
+        write_json(paths[0], {})
+        with atomic_file(paths[1]) as f:
+            f.write(b"x")
+        write_with(paths[2], lambda tmp: tmp.write_bytes(b"x"))
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert plain.stat().st_mode & 0o777 == expected
+    assert [p.stat().st_mode & 0o777 for p in paths] == [expected] * 3
+
+
+def test_text_is_utf8_whatever_the_locale(tmp_path):
+    """Under an ASCII locale (C, UTF-8 mode off) text is still written as UTF-8."""
+    path = tmp_path / "t.txt"
+    script = (
+        "import sys; from patchsae.atomic import write_text, write_json; "
+        "write_text(sys.argv[1], '\\u03a9 \\u00fc \\u2713'); "
+        "write_json(sys.argv[1] + '.json', {'name': '\\u03a9'})"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
+    assert path.read_bytes() == "\u03a9 \u00fc \u2713".encode()
+    assert json.loads(path.with_suffix(".txt.json").read_bytes()) == {"name": "\u03a9"}

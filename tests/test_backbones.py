@@ -38,6 +38,7 @@ from patchsae.backbones import (
     folder_hash,
     load_backbone,
 )
+from patchsae.data.images import load_rgb
 
 FASHION = FASHION_MNIST / "test"
 
@@ -505,3 +506,41 @@ def test_load_by_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
         torch.testing.assert_close(backbone.encode(pixels, 0), expected, rtol=0, atol=0)
     with pytest.raises(BackboneError, match=r"cannot load 'org/absent'.*pass a local folder"):
         load_backbone("org/absent")
+
+
+def test_preprocess_converts_like_load_rgb():
+    """Transparent and 16-bit images give the same pixels with or without ``load_rgb`` first."""
+    model, processor = make_model("vit")
+    backbone = backbone_from_hf(model, processor)
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[..., 0] = 90
+    rgba[:10, :, 3] = 255
+    transparent = Image.fromarray(rgba, mode="RGBA")
+    deep = Image.fromarray(np.full((20, 20), 65535 // 2, dtype=np.uint16))
+    assert deep.mode.startswith("I;16")
+    for image in (transparent, deep):
+        direct = backbone.preprocess([image])
+        via_loader = backbone.preprocess([load_rgb(image)])
+        torch.testing.assert_close(direct, via_loader, rtol=0, atol=0)
+    mean, std = processor.image_mean, processor.image_std
+    # fully transparent pixels are white, not the black stored under them
+    white = torch.tensor([(1 - m) / s for m, s in zip(mean, std, strict=True)])
+    torch.testing.assert_close(
+        backbone.preprocess([transparent])[0, :, -1, 0], white, rtol=0, atol=1e-5
+    )
+    # 16-bit 32767 is mid-grey 127, not clipped to 255 by convert("RGB")
+    grey = torch.tensor([(127 / 255 - m) / s for m, s in zip(mean, std, strict=True)])
+    torch.testing.assert_close(backbone.preprocess([deep])[0, :, 0, 0], grey, rtol=0, atol=1e-5)
+
+
+def test_load_backbone_checks_the_device_first(tmp_path, monkeypatch):
+    save("vit", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackboneError, match=r"CUDA is not available.*--device cpu"):
+        load_backbone(tmp_path, device="cuda")
+    with pytest.raises(BackboneError, match=r"'gpu' is not a torch device"):
+        load_backbone(tmp_path, device="gpu")
+    # checked before the model is looked up: a bad device is reported even for a missing folder
+    with pytest.raises(BackboneError, match="CUDA is not available"):
+        load_backbone(tmp_path / "missing", device="cuda:0")
+    assert load_backbone(tmp_path, device="cpu").device == torch.device("cpu")

@@ -70,3 +70,19 @@ def test_round_trip_through_dict():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_large_integers_stay_exact(tmp_path):
+    big = 12345678901234567891
+    assert load_config(Outer, None, ["name=x", f"steps={big}"]).steps == big
+    assert load_config(Outer, None, ["name=x", f"limit={big}"]).limit == big
+    assert from_dict(Outer, {"name": "x", "steps": big}).steps == big
+    assert from_dict(Outer, {"name": "x", "steps": str(big)}).steps == big
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: x\nsteps: {big}\nlayers: [{big}, -1]\n")
+    cfg = load_config(Outer, path)
+    assert cfg.steps == big and cfg.layers == (big, -1)
+    assert load_config(Outer, None, ["name=x", "steps=2.5e3", "limit=4.0"]).steps == 2500
+    for bad in ("2.5", "1e-3", "inf", "nan", "ten", "true"):
+        with pytest.raises(ConfigError, match="steps: .* is not an integer"):
+            load_config(Outer, None, ["name=x", f"steps={bad}"])

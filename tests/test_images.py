@@ -583,3 +583,43 @@ def test_fashion_mnist(split, count):
         assert rgb.shape == (28, 28, 3)
         assert np.array_equal(rgb[..., 0], rgb[..., 2])
         assert hashlib.sha256(rgb[..., 0].tobytes()).hexdigest() == row["sha256_pixels"]
+
+
+def test_hidden_folders_are_not_classes(folder):
+    clean = open_images(DataConfig(source=str(folder)))
+    write_image(folder / "train" / ".ipynb_checkpoints" / "c.png", 5)
+    write_image(folder / ".cache" / "a" / "d.png", 6)
+    src = open_images(DataConfig(source=str(folder)))
+    assert src.class_names == ["a_dog", "b_cat"]
+    assert src.labels.tolist() == clean.labels.tolist() == [0, 0, 1, 1, 1]
+    assert src.fingerprint == clean.fingerprint
+    flat = folder / "train" / "a_dog"
+    write_image(flat / ".ipynb_checkpoints" / "e.png", 7)
+    unlabelled = open_images(DataConfig(source=str(flat)))
+    assert unlabelled.class_names == [] and len(unlabelled) == 2
+
+
+def test_local_looking_sources_are_not_dataset_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in (str(tmp_path / "nonexistent"), "./x", "~/x"):
+        with pytest.raises(DataError, match=f"folder {source} does not exist"):
+            open_images(DataConfig(source=source))
+    write_image(tmp_path / "one.png", 1)
+    for source in (str(tmp_path / "one.png"), "~/one.png"):
+        with pytest.raises(DataError, match=f"{source} is a file, not a folder"):
+            open_images(DataConfig(source=source))
+    write_image(tmp_path / "home_ds" / "k" / "a.png", 3)
+    src = open_images(DataConfig(source="~/home_ds"))
+    assert src.class_names == ["k"] and src.load(0).getpixel((0, 0)) == (3, 3, 3)
+
+
+def test_messages_name_the_cli_keys(tmp_path):
+    path = make_hf(tmp_path)
+    with pytest.raises(DataError, match=r"data\.label_column=null"):
+        open_images(DataConfig(source=str(path), label_column="y"))
+    clone = tmp_path / "hub_clone" / "data"
+    clone.mkdir(parents=True)
+    (clone / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="no image files.*set kind=hf"):
+        open_images(DataConfig(source=str(tmp_path / "hub_clone")))

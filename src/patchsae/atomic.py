@@ -2,6 +2,7 @@
 
 Readers, and runs resumed after a kill, see either the old file or the new one, never a mix.
 Temporary files are named ``.{name}.XXXX.tmp`` in the target's folder and removed on failure.
+Written files get the permissions a plain ``open()`` gives (``0o666 & ~umask``); text is UTF-8.
 """
 
 from __future__ import annotations
@@ -17,19 +18,42 @@ from typing import IO, Any
 TMP_SUFFIX = ".tmp"
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, with the mode ``open()`` would give (0o666 & ~umask).
+
+    ``mkstemp`` creates files 0o600 and ``os.replace`` keeps that mode, which would make the
+    final file unreadable to other users of shared storage.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
+        raise
     return fd, Path(name)
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file for writing; on a clean exit it is fsynced and renamed to ``path``."""
+    """Open a temporary file for writing; on a clean exit it is fsynced and renamed to ``path``.
+
+    Text modes write UTF-8 whatever the locale. The file gets the mode ``open()`` would give
+    (``0o666 & ~umask``).
+    """
     path = Path(path)
     fd, tmp = _temp_beside(path)
+    encoding = None if "b" in mode else "utf-8"
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -2,16 +2,20 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the parser default.
+
+Errors that describe bad input (the ``ValueError`` subclasses defined in ``patchsae``, such as
+``ConfigError`` or ``DataError``) and file-system errors print one line and exit with status 2;
+any other exception is a bug and keeps its traceback. ``PATCHSAE_TRACEBACK=1`` re-raises every
+error. Ctrl-C prints how to resume and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
-
-from patchsae.config import ConfigError
 
 COMMAND_MODULES = (
     "patchsae.extract",
@@ -31,13 +35,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "PATCHSAE_TRACEBACK"
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for errors about the input or the file system, reported in one line.
+
+    These are ``ValueError`` subclasses defined in ``patchsae`` (every one states the problem
+    and the fix) and ``OSError`` (missing files, permissions, full disks). A plain
+    ``ValueError`` or any other exception comes from a bug and keeps its traceback.
+    """
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, ValueError) and any(
+        cls.__module__.startswith("patchsae.") for cls in type(err).__mro__
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(
+            f"patchsae {args.command}: interrupted; "
+            "rerun the same command to resume (train: add --resume)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
         print(f"patchsae {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every stage describes its options as a frozen dataclass. ``load_config(Cls, path, overrides)``
 reads an optional YAML file, applies dotted ``key=value`` overrides (``sae.l1_coefficient=1e-4``)
 and converts every value to the annotated type, so a typo or a wrong type fails before any work
-starts, with a message naming the key and the valid choices.
+starts, with a message naming the key and the valid choices. Integers are read exactly (never
+through ``float``); a float form such as ``1e3`` is accepted for an ``int`` only when integral.
 """
 
 from __future__ import annotations
@@ -22,6 +23,30 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type."""
+
+
+def _to_int(value: Any, key: str) -> int:
+    """``value`` as an exact int: ints as they are, strings by ``int()``, else integral floats.
+
+    Floats and float forms such as ``1e3`` are accepted only when integral; they are the only
+    values that go through ``float`` (so ``12345678901234567891`` stays exact).
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not an integer") from None
+    if not number.is_integer():
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    return int(number)
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -77,19 +102,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{key}: {value!r} is not a boolean (use true or false)")
-    if tp in (int, float):
+    if tp is int:
+        return _to_int(value, key)
+    if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not a number")
         try:
-            number = float(value) if isinstance(value, str) else value
-            if tp is int:
-                if float(number) != int(float(number)):
-                    raise ValueError
-                return int(float(number))
-            return float(number)
+            return float(value)
         except (TypeError, ValueError):
-            kind = "an integer" if tp is int else "a number"
-            raise ConfigError(f"{key}: {value!r} is not {kind}") from None
+            raise ConfigError(f"{key}: {value!r} is not a number") from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from patchsae.pixels import to_rgb
+
 from .errors import BackboneError
 from .families import Parts, parts_for
 from .layout import TokenLayout
@@ -23,7 +25,8 @@ class ImagePreprocessor:
     """Picklable ``list[PIL.Image] -> pixel_values (B, 3, H, W)`` float32 on CPU.
 
     Wraps the model's own Hugging Face image processor, so it can be sent to DataLoader workers
-    (fork or spawn). Images are converted to RGB first; every output must be ``size_hw``.
+    (fork or spawn). Images are first converted by :func:`patchsae.pixels.to_rgb` (the rule
+    ``load_rgb`` uses: alpha onto white, 16-bit scaled); every output must be ``size_hw``.
     """
 
     def __init__(self, image_processor: object, size_hw: tuple[int, int]):
@@ -33,7 +36,7 @@ class ImagePreprocessor:
     def __call__(self, images: Sequence[Image.Image]) -> Tensor:
         if len(images) == 0:
             raise BackboneError("preprocess got no images: pass a non-empty list of PIL images")
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        rgb = [to_rgb(im) for im in images]
         pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         pixels = torch.as_tensor(pixels, dtype=torch.float32)
         if tuple(pixels.shape[-2:]) != self.size_hw:

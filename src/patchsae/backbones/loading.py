@@ -90,6 +90,34 @@ def _model_type(source: str, is_folder: bool) -> str:
     return model_type
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed, and usable on this machine; otherwise a :class:`BackboneError`."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackboneError(
+            f"device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(
+                f"device {device!r} was requested but CUDA is not available on this machine: "
+                "use --device cpu (device=cpu)"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BackboneError(
+                f"device {device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:"
+                f"{torch.cuda.device_count() - 1}"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise BackboneError(
+            f"device {device!r} was requested but MPS is not available on this machine: "
+            "use --device cpu (device=cpu)"
+        )
+    return parsed
+
+
 def load_backbone(
     name_or_path: str | Path = DEFAULT_BACKBONE,
     device: str | torch.device = "cpu",
@@ -102,7 +130,10 @@ def load_backbone(
     A local folder is read offline. The image processor comes from the same place, so
     preprocessing matches the model's. CLIP also loads its tokenizer from ``tokenizer`` when
     given, else from the model's own folder/repo when it has one (``encode_text`` needs it).
+    ``device`` is checked first: a malformed name or an unavailable device raises
+    :class:`BackboneError`.
     """
+    device = check_device(device)
     source = str(name_or_path)
     path = Path(source).expanduser()
     is_folder = path.is_dir()

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from patchsae.atomic import write_json
+from patchsae.pixels import BadImage, to_rgb
 
 DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_EXTENSIONS = (
@@ -42,10 +43,6 @@ IMAGE_EXTENSIONS = (
 SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
 NAMES_FILE = "classes.txt"
 FINGERPRINT_VERSION = 1
-
-
-class BadImage(ValueError):
-    """An image cannot be used: corrupt, truncated, not an image, too large or of bad mode."""
 
 
 class DataError(ValueError):
@@ -101,29 +98,6 @@ class ImageBatch:
     bad: list[BadRecord] = field(default_factory=list)
 
 
-def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
-    """Scale a 16-bit gray image (modes ``I;16*`` and ``I``, range 0..65535) to 8-bit RGB."""
-    values = np.asarray(img).astype(np.int64)
-    values = np.clip(values, 0, 65535)
-    gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").convert("RGB")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded image of any PIL mode to RGB (transparency composited onto white)."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        return _sixteen_bit_to_rgb(img)
-    if img.mode == "F":
-        raise BadImage("mode F (32-bit float) has no defined value range; store it as 8 or 16 bit")
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode == "RGB":
-        return img
-    return img.convert("RGB")
-
-
 def _check_size(img: Image.Image, max_pixels: int) -> None:
     width, height = img.size
     if width * height > max_pixels:
@@ -147,12 +121,12 @@ def load_rgb(
             if isinstance(image, Image.Image):
                 _check_size(image, max_pixels)
                 image.load()
-                return _to_rgb(image)
+                return to_rgb(image)
             stream = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
             with Image.open(stream) as img:
                 _check_size(img, max_pixels)
                 img.load()
-                return _to_rgb(img)
+                return to_rgb(img)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -208,13 +182,13 @@ class FolderSource(ImageSource):
     """ImageFolder layout ``root[/split]/<class>/<file>``, or ``root[/split]/<file>`` unlabelled."""
 
     def __init__(self, cfg: DataConfig) -> None:
-        root = Path(cfg.source)
+        root = Path(cfg.source).expanduser()
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist or is not a directory")
         split_dir = root / cfg.split
         resolved_split: str | None = cfg.split
         if not split_dir.is_dir():
-            present = sorted(d.name for d in root.iterdir() if d.is_dir())
+            present = _subfolders(root)
             splits = [name for name in present if name.lower() in SPLIT_FOLDER_NAMES]
             if splits:
                 raise DataError(
@@ -224,7 +198,7 @@ class FolderSource(ImageSource):
             split_dir, resolved_split = root, None
         self.root = split_dir
         self.max_pixels = cfg.max_pixels
-        class_dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        class_dirs = _subfolders(split_dir)
         top_files = _image_files(split_dir, recursive=False)
         if class_dirs and top_files:
             raise DataError(
@@ -243,7 +217,8 @@ class FolderSource(ImageSource):
             labels = [-1] * len(paths)
         if not paths:
             raise DataError(
-                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}"
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}; "
+                "for a Hugging Face dataset (a hub clone with parquet or arrow files) set kind=hf"
             )
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -284,6 +259,11 @@ class FolderSource(ImageSource):
         return str(self.root / self.paths[i])
 
 
+def _subfolders(folder: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``folder``; hidden ones (``.name``) skipped."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _image_files(folder: Path, recursive: bool) -> list[str]:
     """Image files under ``folder`` as sorted POSIX paths relative to it; hidden files skipped."""
     found: list[str] = []
@@ -306,7 +286,7 @@ class HFSource(ImageSource):
     def __init__(self, cfg: DataConfig) -> None:
         import datasets
 
-        path = Path(cfg.source)
+        path = Path(cfg.source).expanduser()
         local = path.is_dir()
         try:
             if local and _is_saved_dataset(path):
@@ -365,8 +345,9 @@ class HFSource(ImageSource):
             return np.full(len(ds), -1, dtype=np.int64), []
         if cfg.label_column not in columns:
             raise DataError(
-                f"dataset {cfg.source!r} has no column {cfg.label_column!r}; set label_column to "
-                f"one of {columns}, or label_column=null for unlabelled data"
+                f"dataset {cfg.source!r} has no column {cfg.label_column!r}; set label_column "
+                f"(data.label_column on the command line) to one of {columns}, or "
+                "data.label_column=null for unlabelled data"
             )
         values = ds.with_format("arrow")[cfg.label_column].to_numpy(zero_copy_only=False)
         feature = ds.features[cfg.label_column]
@@ -399,11 +380,26 @@ class HFSource(ImageSource):
         raise BadImage(f"image column holds {type(value).__name__}, not an image, bytes or path")
 
 
+def _check_local_path(source: str) -> None:
+    """Refuse a source that names a local path but is not a folder (not a dataset name)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise DataError(
+            f"{source} is a file, not a folder: pass the image folder (or dataset folder) "
+            "that holds it"
+        )
+    if source.startswith(("/", ".", "~")):
+        raise DataError(f"folder {source} does not exist: check the path")
+
+
 def open_images(cfg: DataConfig) -> ImageSource:
     """Open the images described by ``cfg`` (see :class:`DataConfig` for how ``kind`` is chosen)."""
+    _check_local_path(cfg.source)
     kind = cfg.kind
     if kind == "auto":
-        path = Path(cfg.source)
+        path = Path(cfg.source).expanduser()
         kind = "imagefolder" if path.is_dir() and not _is_saved_dataset(path) else "hf"
     return FolderSource(cfg) if kind == "imagefolder" else HFSource(cfg)
 
