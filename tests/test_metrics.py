@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -487,3 +488,49 @@ def test_evaluate_command_errors(clip_store, tmp_path, capsys):
     narrow = save(identity_sae(8, torch.float32), tmp_path / "narrow")
     assert main(["evaluate", "--sae", str(narrow), "--store", str(store_dir)]) == 2
     assert "d_in=8" in capsys.readouterr().err
+
+
+def test_evaluate_checks_fidelity_backbone_and_labels_first(clip_store, tmp_path, monkeypatch):
+    import datasets
+    from PIL import Image
+
+    from patchsae.data.images import DataConfig
+    from patchsae.data.store import ActivationStore, StoreWriter
+    from patchsae.metrics import FidelityConfig, evaluate
+    from patchsae.sae.io import save
+
+    def no_reconstruction(*args, **kwargs):
+        raise AssertionError("reconstruction ran before the fidelity inputs were checked")
+
+    module = sys.modules["patchsae.metrics.evaluate"]
+    monkeypatch.setattr(module, "reconstruction_metrics", no_reconstruction)
+    _, store_dir = clip_store
+    sae_dir = save(identity_sae(64, torch.float32), tmp_path / "sae")
+    pixels = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+    )
+    ds = datasets.Dataset.from_dict({"image": pixels, "label": [0, 1, -1, 0]}, features=features)
+    ds.save_to_disk(str(tmp_path / "partly-labelled"))
+    fidelity = FidelityConfig(DataConfig(str(tmp_path / "partly-labelled"), split="train"))
+    with pytest.raises(FidelityError, match="include unlabelled"):
+        evaluate(sae_dir, store_dir, fidelity=fidelity, progress=False)
+
+    layout = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
+    plan = {
+        "format_version": 1,
+        "layers": [0],
+        "dtype": "fp32",
+        "d_model": 64,
+        "n_tokens": 5,
+        "token_layout": layout.to_dict(),
+        "backbone": {"name": "tiny-dino", "family": "dinov2", "n_layers": 2},
+    }
+    with StoreWriter(tmp_path / "dino-store", plan) as writer:
+        shard = writer.shard(0, 4)
+        shard.append({0: torch.randn(4, 5, 64)})
+        writer.finalize([shard.commit({"example_ids": list(range(4)), "labels": [-1] * 4})], [])
+    assert len(ActivationStore.open(tmp_path / "dino-store")) == 4
+    fidelity = FidelityConfig(DataConfig(str(FASHION_MNIST), split="test"), limit=2)
+    with pytest.raises(FidelityError, match="CLIP backbone.*dinov2"):
+        evaluate(sae_dir, tmp_path / "dino-store", fidelity=fidelity, progress=False)

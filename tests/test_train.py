@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -24,7 +26,9 @@ from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
 from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
-from patchsae.train.trainer import TrainingError, lr_at
+from patchsae.train.checkpoint import write_checkpoint
+from patchsae.train.sources import open_source
+from patchsae.train.trainer import TrainingError, _check_compatible, lr_at
 from run_files import kill_after_first_checkpoint, metrics, untimed_metrics, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,3 +366,85 @@ def test_wandb_missing_is_a_clear_error(store, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError, match="pip install wandb"):
         train(config(store, tmp_path / "run", wandb_project="demo", total_images=16))
+
+
+def test_damaged_checkpoint_is_a_clear_error_and_the_advice_works(
+    store: Path, tmp_path: Path
+) -> None:
+    cfg = config(store, tmp_path / "run", total_images=16)
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+
+    def damage(file: str, text: str) -> None:
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+        (ckpt / file).write_text(text)
+
+    state = json.loads((pristine / "trainer_state.json").read_text())
+    del state["members"]
+    cases = [
+        ("trainer_state.safetensors", "", "trainer_state.safetensors cannot be read"),
+        ("trainer_state.json", "{", "trainer_state.json cannot be read"),
+        ("trainer_state.json", json.dumps(state), r"trainer_state.json lacks \['members'\]"),
+        ("sae/sae.safetensors", "", "checkpoint/sae cannot be read"),
+    ]
+    for file, text, problem in cases:
+        damage(file, text)
+        with pytest.raises(TrainingError, match=f"{problem}.*delete .*restart the run from step 0"):
+            train(cfg, resume=True)
+    shutil.copytree(pristine, tmp_path / "run" / "ckpt-old")
+    with pytest.raises(TrainingError, match=r"delete \S*checkpoint and resume again: .*ckpt-old"):
+        train(cfg, resume=True)
+    shutil.rmtree(tmp_path / "run" / "ckpt-old")
+    final = weights(tmp_path / "run")
+    shutil.rmtree(ckpt)
+    train(cfg, resume=True)
+    assert_same(weights(tmp_path / "run"), final)
+    assert [r["step"] for r in metrics(tmp_path / "run") if "lr" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
+def test_checkpoint_files_and_folders_are_fsynced(tmp_path: Path, monkeypatch) -> None:
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sae = make_sae(SAEConfig(d_in=4, d_sae=8))
+    tensors = {"rng.torch": torch.get_rng_state()}
+    out = (tmp_path / "out").resolve()
+    for step in (1, 2):
+        synced.clear()
+        write_checkpoint(out, {"sae": sae}, tensors, {"step": step})
+        tmp = out / "ckpt-tmp"
+        names = [p.name for p in synced if p.parent == tmp]
+        assert any(n.startswith(".trainer_state.safetensors.") for n in names), synced
+        assert any(n.startswith(".trainer_state.json.") for n in names), synced
+        assert tmp / "sae" in synced and tmp in synced
+        assert synced[-1] == out, "the renames into place are not made durable"
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert not (out / "ckpt-old").exists() and not (out / "ckpt-tmp").exists()
+
+
+def test_batchtopk_is_refused_under_ddp(store: Path, tmp_path: Path) -> None:
+    sweep = [{}, {"arch": "batchtopk", "k": 4}]
+    for cfg, where in [
+        (
+            config(
+                store, tmp_path / "a", sae={"d_in": 16, "d_sae": 32, "arch": "batchtopk", "k": 4}
+            ),
+            "sae",
+        ),
+        (config(store, tmp_path / "b", sweep=sweep), r"sweep\[1\]"),
+    ]:
+        source = open_source(cfg, torch.device("cpu"))
+        _check_compatible(cfg, source, world_size=1)
+        with pytest.raises(ConfigError, match=f"{where}.arch=batchtopk .*DDP.*arch=topk"):
+            _check_compatible(cfg, source, world_size=2)
+    topk = config(store, tmp_path / "c", sweep=[{}, {"arch": "topk", "k": 4}])
+    _check_compatible(topk, open_source(topk, torch.device("cpu")), world_size=2)

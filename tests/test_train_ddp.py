@@ -1,4 +1,7 @@
-"""Two gloo processes on CPU train the same weights as one process on the same global batch."""
+"""Two gloo processes on CPU train the same weights as one process on the same global batch.
+
+The run is a sweep of the PatchSAE ReLU SAE and a TopK SAE, both exact under DDP.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +45,9 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     # ~lr * sign(g), which would amplify float32 summation-order noise on near-zero gradients.
     sae = {"d_in": 16, "d_sae": 32, "l1_coefficient": 1.0, "use_ghost_grads": True}
     sae["dtype"] = "float64"
+    sweep = [{}, {"arch": "topk", "k": 4, "aux_k": 8}]
     settings = {"sae": sae, "lr": 0.1, "warmup_steps": 1, "dead_feature_window": 0}
+    settings["sweep"] = sweep
     cfg = config(store, tmp_path / "ddp", total_images=40, checkpoint_every=4, **settings)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -50,13 +55,18 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     single = train(
         config(store, tmp_path / "single", total_images=40, checkpoint_every=4, **settings)
     )
-    rows = [r for r in metrics(tmp_path / "ddp") if "lr" in r]
+    relu, topk = "sae-00", "sae-01"
+    rows = [r for r in metrics(tmp_path / "ddp" / relu) if "lr" in r]
     assert any(r["ghost"] > 0 for r in rows), "no dead latents: the ghost path went untested"
-    single_rows = [r for r in metrics(single) if "lr" in r]
-    assert [r["step"] for r in rows] == [r["step"] for r in single_rows] == list(range(1, 11))
-    for a, b in zip(rows, single_rows, strict=True):
-        assert a["l0"] == b["l0"] and abs(a["loss"] - b["loss"]) <= 1e-9 * abs(b["loss"])
-    a, b = weights(tmp_path / "ddp"), weights(single)
-    for k in b:
-        diff = (a[k] - b[k]).abs().max().item()
-        assert diff <= 1e-5, f"{k} differs by {diff}"
+    topk_rows = [r for r in metrics(tmp_path / "ddp" / topk) if "lr" in r]
+    assert any(r["aux"] > 0 for r in topk_rows), "no dead latents: the AuxK path went untested"
+    for member in (relu, topk):
+        rows = [r for r in metrics(tmp_path / "ddp" / member) if "lr" in r]
+        single_rows = [r for r in metrics(single / member) if "lr" in r]
+        assert [r["step"] for r in rows] == [r["step"] for r in single_rows] == list(range(1, 11))
+        for a, b in zip(rows, single_rows, strict=True):
+            assert a["l0"] == b["l0"] and abs(a["loss"] - b["loss"]) <= 1e-9 * abs(b["loss"])
+        a, b = weights(tmp_path / "ddp" / member), weights(single / member)
+        for k in b:
+            diff = (a[k] - b[k]).abs().max().item()
+            assert diff <= 1e-5, f"{member} {k} differs by {diff}"

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import patchsae.metrics
+import patchsae.train
 from assets import CLIP_TOKENIZER
 from patchsae.backbones import TokenLayout, load_backbone
 from patchsae.config import ConfigError, from_dict
@@ -164,6 +166,7 @@ def test_fidelity_needs_clip_backbone(images: Path, tmp_path: Path) -> None:
 
 
 def test_fidelity_config_validation(images: Path) -> None:
+    assert FidelityConfig is patchsae.train.FidelityConfig is patchsae.metrics.FidelityConfig
     spec = from_dict(FidelityConfig, fidelity_dict(images))
     assert spec.data == DataConfig(source=str(images)) and spec.templates == TEMPLATES
     with pytest.raises(ConfigError, match="placeholder"):

@@ -1,9 +1,11 @@
 """SAE quality: reconstruction (FVU, explained variance, L0), firing frequencies, CLIP fidelity."""
 
-from patchsae.metrics.evaluate import FidelitySpec, evaluate
+from patchsae.metrics.evaluate import EvaluateError, evaluate
 from patchsae.metrics.fidelity import (
     DEFAULT_TEMPLATES,
+    FidelityConfig,
     FidelityError,
+    FidelityScorer,
     build_prompts,
     downstream_fidelity,
     labelled_batches,
@@ -14,8 +16,10 @@ from patchsae.metrics.reconstruction import reconstruction_metrics
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "EvaluateError",
+    "FidelityConfig",
     "FidelityError",
-    "FidelitySpec",
+    "FidelityScorer",
     "FiringWindow",
     "build_prompts",
     "downstream_fidelity",

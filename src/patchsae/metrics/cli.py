@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from patchsae.metrics.evaluate import FidelitySpec, evaluate, format_table, write_json
-from patchsae.metrics.fidelity import DEFAULT_TEMPLATES
+from patchsae.data.images import DataConfig
+from patchsae.metrics.evaluate import EvaluateError, evaluate, format_table, write_json
+from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,11 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     fidelity = None
     if args.data is not None:
-        fidelity = FidelitySpec(
-            data=args.data,
-            model=args.model,
-            split=args.split,
-            class_names_file=args.class_names_file,
+        fidelity = FidelityConfig(
+            data=DataConfig(args.data, split=args.split, class_names_file=args.class_names_file),
             limit=args.limit,
             seed=args.seed,
             templates=tuple(args.templates) if args.templates else DEFAULT_TEMPLATES,
@@ -60,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
         )
     elif args.model is not None or args.limit is not None:
-        raise ValueError("--model and --limit are for fidelity: add --data LABELLED_IMAGES")
+        raise EvaluateError("--model and --limit are for fidelity: add --data LABELLED_IMAGES")
     result = evaluate(
         args.sae,
         args.store,
@@ -69,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fidelity=fidelity,
+        model=args.model,
     )
     print(format_table(result))
     if args.out is not None:

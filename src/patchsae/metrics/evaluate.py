@@ -7,78 +7,21 @@ The slice is the last ``images`` images of the store, the same held-out tail tha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from patchsae import atomic
-from patchsae.backbones import load_backbone
-from patchsae.data.images import BadRecord, DataConfig, image_batches, open_images, shuffled_order
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore
-from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, downstream_fidelity, labelled_batches
+from patchsae.metrics.fidelity import FidelityConfig, FidelityScorer
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.io import load
 
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class FidelitySpec:
-    """Where the labelled images for downstream fidelity come from.
-
-    ``model``: backbone name or folder (None: the store's backbone); ``data``, ``split``,
-    ``class_names_file``: the image source; ``limit``: score that many images, drawn with
-    ``seed`` (None: all); ``templates``: prompt templates with ``{name}``.
-    """
-
-    data: str
-    model: str | None = None
-    split: str = "test"
-    class_names_file: str | None = None
-    limit: int | None = None
-    seed: int = 0
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    tokenizer: str | None = None
-    batch_size: int = 32
-    num_workers: int = 0
-
-
-def _fidelity(
-    spec: FidelitySpec, sae: Any, store: ActivationStore, layer: int, device: str, progress: bool
-) -> dict[str, float]:
-    model = spec.model or store.metadata.get("backbone", {}).get("name")
-    if not model:
-        raise ValueError("the store does not name its backbone: pass the model for fidelity")
-    backbone = load_backbone(model, device=device, tokenizer=spec.tokenizer)
-    if backbone.d_model != store.d_model:
-        raise ValueError(
-            f"backbone {model!r} has d_model={backbone.d_model} but the store holds "
-            f"d_model={store.d_model}: pass the model the store was extracted with"
-        )
-    source = open_images(
-        DataConfig(spec.data, split=spec.split, class_names_file=spec.class_names_file)
-    )
-    if not source.class_names:
-        raise ValueError(f"{spec.data} [{spec.split}] has no class names; fidelity needs labels")
-    order = shuffled_order(len(source), spec.seed)
-    if spec.limit is not None:
-        order = order[: spec.limit]
-    bad: list[BadRecord] = []
-    batches = image_batches(
-        source, order, backbone.preprocessor, spec.batch_size, num_workers=spec.num_workers
-    )
-    out = downstream_fidelity(
-        backbone,
-        sae,
-        layer,
-        labelled_batches(batches, bad),
-        source.class_names,
-        templates=spec.templates,
-        progress=progress,
-    )
-    out["n_bad_images"] = len(bad)
-    return out
+class EvaluateError(ValueError):
+    """The SAE, the store and the options of an evaluation do not fit together."""
 
 
 def evaluate(
@@ -89,28 +32,37 @@ def evaluate(
     images: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    fidelity: FidelitySpec | None = None,
+    fidelity: FidelityConfig | None = None,
+    model: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the SAE at ``sae_path`` on the last ``images`` images of the store (all: None).
 
     ``layer``: the store layer the SAE was trained on (None: the store's only layer).
+    ``fidelity``: also score downstream fidelity on those labelled images through ``model`` (None:
+    the backbone named in the store's metadata); its backbone and images are checked before the
+    reconstruction metrics are computed.
     Returns ``{"format_version", "sae", "store", "layer", "images": [start, stop],
     "reconstruction": {...}, "fidelity": {...} (only with ``fidelity``)}``.
     """
     store = ActivationStore.open(store_dir)
     if layer is None and len(store.layers) > 1:
-        raise ValueError(f"the store holds layers {store.layers}: choose the SAE's with --layer")
+        raise EvaluateError(f"the store holds layers {store.layers}: choose the SAE's with --layer")
     layer = store.resolve_layer(layer)
     if images is not None and not 0 < images <= len(store):
-        raise ValueError(f"images must be in 1..{len(store)} (the store's size), got {images}")
+        raise EvaluateError(f"images must be in 1..{len(store)} (the store's size), got {images}")
     start = len(store) - images if images is not None else 0
     sae = load(sae_path, device=device)
     if sae.cfg.d_in != store.d_model:
-        raise ValueError(
+        raise EvaluateError(
             f"the SAE has d_in={sae.cfg.d_in} but the store holds d_model={store.d_model}: "
             "evaluate it on activations of the model it was trained on"
         )
+    scorer = None
+    if fidelity is not None:
+        scorer = FidelityScorer(fidelity, layer, model=model, store=store, device=device)
+    elif model is not None:
+        raise EvaluateError("model is the backbone for fidelity: pass fidelity too")
     batches = image_batches_from_store(store, batch_size, layer=layer, start=start)
     result: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -122,8 +74,8 @@ def evaluate(
             sae, batches, store.token_layout, device=device, progress=progress
         ),
     }
-    if fidelity is not None:
-        result["fidelity"] = _fidelity(fidelity, sae, store, layer, device, progress)
+    if scorer is not None:
+        result["fidelity"] = scorer(sae, progress=progress)
     return result
 
 

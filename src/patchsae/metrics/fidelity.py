@@ -5,11 +5,16 @@ layer: (a) original activations, (b) every token replaced by its SAE reconstruct
 ``decode(encode(x))``, (c) every token set to zero. The cross-entropy of
 ``logit_scale * image_emb @ text_emb.T`` against the labels gives
 ``fraction_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_orig)``.
+
+``FidelityConfig`` says which labelled images to score and how; ``FidelityScorer`` resolves the
+backbone, checks the images once and scores any number of SAEs on the same images in the same
+order (``patchsae evaluate`` and the trainer's evaluations both use it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from patchsae.backbones import load_backbone
+from patchsae.config import ConfigError
+from patchsae.data.images import BadRecord, DataConfig, image_batches, open_images, shuffled_order
+
 if TYPE_CHECKING:
     from patchsae.backbones import Backbone
-    from patchsae.data.images import BadRecord
+    from patchsae.data.store import ActivationStore
     from patchsae.sae import SAE
 
 DEFAULT_TEMPLATES = ("a photo of a {name}.",)
@@ -162,3 +171,130 @@ def labelled_batches(
     for batch in batches:
         bad.extend(batch.bad)
         yield batch.pixel_values, batch.labels
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """Which labelled images downstream fidelity scores, and how.
+
+    ``data``: labelled images (class names from the class folders or ``class_names_file``);
+    ``limit``: score that many of them, drawn with ``seed`` (None: all); ``templates``: prompt
+    templates with ``{name}``; ``tokenizer``: a tokenizer folder (None: the model's own).
+    """
+
+    data: DataConfig
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"fidelity.limit must be >= 1 or null (all), got {self.limit}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("fidelity.batch_size must be >= 1 and fidelity.num_workers >= 0")
+        try:
+            build_prompts(["class"], self.templates)
+        except FidelityError as err:
+            raise ConfigError(f"fidelity.templates: {err}") from None
+
+
+class FidelityScorer:
+    """Downstream fidelity of SAEs on the labelled images of a ``FidelityConfig``.
+
+    The backbone is ``backbone`` when given (reused unless ``cfg.tokenizer`` asks for another
+    tokenizer), else ``model``, else the one named in ``store``'s metadata. Checked at
+    construction, before any SAE is scored: the backbone is CLIP (from the store's metadata when
+    it names the model, else by loading it), the images have class names, and none of the images
+    scored is unlabelled. The images scored are the first ``limit`` of the seeded order, the same
+    at every call. A backbone not yet loaded is loaded at the first call, once; with ``store`` its
+    width must equal the store's ``d_model``.
+    """
+
+    def __init__(
+        self,
+        cfg: FidelityConfig,
+        layer: int,
+        *,
+        model: str | None = None,
+        store: ActivationStore | None = None,
+        backbone: Backbone | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.cfg, self.layer, self.device = cfg, layer, device
+        self.d_model = store.d_model if store is not None else None
+        named = store.metadata.get("backbone", {}) if store is not None else {}
+        self._backbone = backbone if cfg.tokenizer is None else None
+        if backbone is not None:
+            self.model, family = model or backbone.name, backbone.family
+        else:
+            self.model = model or named.get("name")
+            if not self.model:
+                raise FidelityError(
+                    "fidelity needs the CLIP backbone, but the store does not name it: "
+                    "give the model explicitly"
+                )
+            family = named.get("family") if self.model == named.get("name") else None
+            if family is None:
+                family = self.backbone.family
+        if family != "clip":
+            raise FidelityError(
+                f"fidelity needs a CLIP backbone (zero-shot text head), but {self.model!r} is a "
+                f"{family} model: score a CLIP backbone or leave fidelity out"
+            )
+        self.images = open_images(cfg.data)
+        where = f"{cfg.data.source!r} [{cfg.data.split}]"
+        if not self.images.class_names:
+            raise FidelityError(
+                f"the fidelity images {where} have no class names: give labelled images "
+                "(class folders, or label_column and class_names_file)"
+            )
+        order = shuffled_order(len(self.images), cfg.seed)
+        self.order = order if cfg.limit is None else order[: cfg.limit]
+        if (self.images.labels[self.order] < 0).any():
+            raise FidelityError(
+                f"the fidelity images {where} include unlabelled ones (label -1); fidelity "
+                "scores labelled images only"
+            )
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone scored through (loaded at the first use)."""
+        if self._backbone is None:
+            backbone = load_backbone(self.model, device=self.device, tokenizer=self.cfg.tokenizer)
+            if self.d_model is not None and backbone.d_model != self.d_model:
+                raise FidelityError(
+                    f"backbone {self.model!r} has d_model={backbone.d_model} but the store "
+                    f"holds d_model={self.d_model}: use the model the store was extracted with"
+                )
+            self._backbone = backbone
+        return self._backbone
+
+    def __call__(self, sae: SAE, progress: bool = False) -> dict[str, float]:
+        """``ce_*``, ``acc_*`` (original, spliced, zero), ``fraction_recovered``, ``n_images``
+        and ``n_bad_images`` (images that could not be decoded, skipped).
+
+        The global torch RNG is left as it was.
+        """
+        bad: list[BadRecord] = []
+        batches = image_batches(
+            self.images,
+            self.order,
+            self.backbone.preprocessor,
+            self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+        )
+        with torch.random.fork_rng(devices=[]):
+            out = downstream_fidelity(
+                self.backbone,
+                sae,
+                self.layer,
+                labelled_batches(batches, bad),
+                self.images.class_names,
+                templates=self.cfg.templates,
+                progress=progress,
+            )
+        out["n_bad_images"] = len(bad)
+        return out

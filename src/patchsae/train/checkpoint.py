@@ -10,9 +10,11 @@ Layout of ``OUT/checkpoint/`` (format_version 1):
 - ``trainer_state.json``: step, images and tokens seen, data position, optimiser hyper-parameters,
   the full training config. Written last: its presence marks the checkpoint complete.
 
-A checkpoint is written into ``OUT/ckpt-tmp/`` and then swapped in by renames
-(``checkpoint`` -> ``ckpt-old``, ``ckpt-tmp`` -> ``checkpoint``, delete ``ckpt-old``), so a kill at
-any moment leaves a complete ``checkpoint`` or ``ckpt-old`` behind.
+A checkpoint is written into ``OUT/ckpt-tmp/`` (every file fsynced, then the folders) and then
+swapped in by renames (``checkpoint`` -> ``ckpt-old``, ``ckpt-tmp`` -> ``checkpoint``, ``OUT``
+fsynced, delete ``ckpt-old``), so a kill or a power cut at any moment leaves a complete
+``checkpoint`` or ``ckpt-old`` behind. A checkpoint damaged all the same (a truncated or
+missing file) is refused on reading with a ``TrainingError`` that names the file and the way out.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from patchsae.atomic import write_json
-from patchsae.sae.io import save
+from patchsae.atomic import write_json, write_with
+from patchsae.sae.io import CheckpointError, load, save
+from patchsae.train.errors import TrainingError
 
 FORMAT_VERSION = 1
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 CURRENT, TMP, OLD = "checkpoint", "ckpt-tmp", "ckpt-old"
+STATE_KEYS = ("step", "images", "tokens", "data_position", "members", "source", "config")
 
 
 def optimizer_tensors(
@@ -95,16 +100,28 @@ def write_checkpoint(
     tmp.mkdir(parents=True)
     for name, sae in saes.items():
         save(sae, tmp / name)
-    save_file(tensors, str(tmp / STATE_TENSORS))
+        fsync_dir(tmp / name)
+    write_with(tmp / STATE_TENSORS, lambda path: save_file(tensors, str(path)))
     write_json(tmp / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+    fsync_dir(tmp)
     if current.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(current, old)
     os.replace(tmp, current)
+    fsync_dir(out)
     if old.exists():
         shutil.rmtree(old)
     return current
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (files created, renamed or removed) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -115,12 +132,53 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def damaged(path: Path, file: Path, problem: str) -> TrainingError:
+    """The error for a damaged checkpoint at ``path``: names ``file`` and the way out."""
+    older = path.parent / OLD
+    if path.name != OLD and (older / STATE_JSON).is_file():
+        fix = f"delete {path} and resume again: the run goes on from the previous one, {older}"
+    else:
+        fix = f"delete {path} and resume again to restart the run from step 0"
+    return TrainingError(f"the trainer checkpoint is damaged: {file} {problem}. To go on, {fix}")
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The JSON state and the tensors of the checkpoint at ``path``."""
-    state = json.loads((path / STATE_JSON).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} holds a trainer checkpoint of format {state.get('format_version')}, this "
+    """The JSON state and the tensors of the checkpoint at ``path``.
+
+    A file that cannot be read or lacks an entry the trainer needs is a ``TrainingError``.
+    """
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+        missing = [k for k in ("format_version", *STATE_KEYS) if k not in state]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise damaged(path, path / STATE_JSON, f"cannot be read ({err})") from None
+    if missing:
+        raise damaged(path, path / STATE_JSON, f"lacks {missing}")
+    if state["format_version"] != FORMAT_VERSION:
+        raise TrainingError(
+            f"{path} holds a trainer checkpoint of format {state['format_version']}, this "
             f"version reads format {FORMAT_VERSION}: resume it with the version that wrote it"
         )
-    return state, load_file(str(path / STATE_TENSORS))
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (OSError, SafetensorError) as err:
+        raise damaged(path, path / STATE_TENSORS, f"cannot be read ({err})") from None
+    members = state["members"]
+    if not isinstance(members, dict) or not all(
+        isinstance(m, dict) and "param_groups" in m for m in members.values()
+    ):
+        raise damaged(path, path / STATE_JSON, "has no valid members entry")
+    parts = ("counters", "firing.counts", "firing.tokens")
+    expected = ["rng.torch", *(f"{name}.{part}" for name in members for part in parts)]
+    absent = [k for k in expected if k not in tensors]
+    if absent:
+        raise damaged(path, path / STATE_TENSORS, f"lacks the tensors {absent}")
+    return state, tensors
+
+
+def load_member(path: Path, name: str) -> Any:
+    """The SAE saved as member ``name`` of the checkpoint at ``path``."""
+    try:
+        return load(path / name)
+    except (OSError, SafetensorError, CheckpointError) as err:
+        raise damaged(path, path / name, f"cannot be read ({err})") from None

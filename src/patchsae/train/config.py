@@ -1,4 +1,8 @@
-"""The trainer's options: one frozen dataclass, loadable from YAML with ``key=value`` overrides."""
+"""The trainer's options: one frozen dataclass, loadable from YAML with ``key=value`` overrides.
+
+``fidelity`` takes ``patchsae.metrics.fidelity.FidelityConfig`` (re-exported here), the same
+options as ``patchsae evaluate``'s fidelity.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +11,10 @@ from typing import Any, Literal
 
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.data.images import DataConfig
-from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityError, build_prompts
+from patchsae.metrics.fidelity import FidelityConfig
 from patchsae.sae.config import SAEConfig
 
 BDecInit = Literal["geometric_median_images", "geometric_median_tokens", "mean", "zeros"]
-
-
-@dataclass(frozen=True)
-class FidelityConfig:
-    """Downstream fidelity at every evaluation step (CLIP backbones only, PatchSAE Table 2).
-
-    ``data``: labelled images (class names from the class folders or ``class_names_file``);
-    ``limit``: score that many of them, drawn with ``seed`` (None: all); ``templates``: prompt
-    templates with ``{name}``; ``tokenizer``: a tokenizer folder (None: the model's own).
-    """
-
-    data: DataConfig
-    limit: int | None = None
-    seed: int = 0
-    batch_size: int = 32
-    num_workers: int = 0
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    tokenizer: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"fidelity.limit must be >= 1 or null (all), got {self.limit}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("fidelity.batch_size must be >= 1 and fidelity.num_workers >= 0")
-        try:
-            build_prompts(["class"], self.templates)
-        except FidelityError as err:
-            raise ConfigError(f"fidelity.templates: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from patchsae.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -36,7 +38,7 @@ class Dist:
     def slice(self, n: int) -> slice:
         """The rows of a global batch of ``n`` rows that this rank trains on."""
         if n % self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"a global batch of {n} rows cannot be split evenly over {self.world_size} "
                 "processes: choose a batch size divisible by the number of processes"
             )

@@ -32,25 +32,19 @@ import torch
 from tqdm import tqdm
 
 from patchsae.atomic import write_json, write_text
-from patchsae.backbones import Backbone, load_backbone
 from patchsae.config import ConfigError, to_dict
-from patchsae.data.images import (
-    BadRecord,
-    image_batches,
-    open_images,
-    shuffled_order,
-    write_bad_report,
-)
-from patchsae.metrics.fidelity import downstream_fidelity, labelled_batches
+from patchsae.data.images import write_bad_report
+from patchsae.metrics.fidelity import FidelityError, FidelityScorer
 from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.geometric_median import init_b_dec
-from patchsae.sae.io import load, save
+from patchsae.sae.io import save
 from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
 from patchsae.sae.registry import make_sae
 from patchsae.train import ddp
 from patchsae.train.checkpoint import (
     find_checkpoint,
+    load_member,
     load_optimizer,
     optimizer_tensors,
     read_checkpoint,
@@ -58,15 +52,12 @@ from patchsae.train.checkpoint import (
     rng_tensors,
     write_checkpoint,
 )
-from patchsae.train.config import FidelityConfig, TrainConfig, config_differences
+from patchsae.train.config import TrainConfig, config_differences
+from patchsae.train.errors import TrainingError
 from patchsae.train.sources import open_source
 
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
-
-
-class TrainingError(ValueError):
-    """Training cannot start or go on (non-finite values, an output folder clash...)."""
 
 
 @dataclass
@@ -108,9 +99,16 @@ def plan_steps(cfg: TrainConfig, tokens_per_image: int) -> int:
     return max(1, min(limits))
 
 
-def _check_compatible(cfg: TrainConfig, source: Any) -> None:
+def _check_compatible(cfg: TrainConfig, source: Any, world_size: int) -> None:
     for i, sae_cfg in enumerate(cfg.sae_configs()):
         where = f"sweep[{i}]" if cfg.sweep else "sae"
+        if sae_cfg.arch == "batchtopk" and world_size > 1:
+            raise ConfigError(
+                f"{where}.arch=batchtopk cannot train under DDP ({world_size} processes): it keeps "
+                "the k * n largest activations of the whole batch, which no rank sees, so its "
+                "steps would differ from the single-process step. Train it in one process, or "
+                "use arch=topk"
+            )
         if sae_cfg.d_in != source.d_model:
             raise ConfigError(
                 f"{where}.d_in={sae_cfg.d_in} but the activations have width {source.d_model}: "
@@ -282,8 +280,7 @@ def _restore(state: dict[str, Any], members: list[Member]) -> None:
     tensors = state["tensors"]
     for m in members:
         n = m.ckpt_name
-        loaded = load(state["path"] / n)
-        m.sae.load_state_dict(loaded.state_dict())
+        m.sae.load_state_dict(load_member(state["path"], n).state_dict())
         load_optimizer(m.opt, tensors, state["members"][n]["param_groups"], n)
         m.counters.copy_(tensors[f"{n}.counters"])
         m.firing.load_state_dict(
@@ -315,88 +312,32 @@ def _checkpoint(
     write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
 
 
-class _Fidelity:
-    """Downstream fidelity of an SAE on the labelled images of ``cfg.fidelity``.
+def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> FidelityScorer | None:
+    """The scorer of ``cfg.fidelity`` (None when unset), checked before the output is touched.
 
-    The images, their order and the backbone's family are checked at construction; the CLIP
-    backbone (the config's ``model`` or the store's) is loaded at the first call, once. A
-    streaming run reuses its own backbone unless ``fidelity.tokenizer`` is set.
+    A streaming run scores through its own backbone; a store run through ``model`` or the
+    backbone named in the store's metadata.
     """
-
-    def __init__(
-        self, spec: FidelityConfig, model: str | None, source: Any, device: torch.device
-    ) -> None:
-        self.spec, self.device, self.layer = spec, device, source.layer_index
-        streamed = getattr(source, "backbone", None)
-        self._backbone: Backbone | None = streamed if self.spec.tokenizer is None else None
-        if streamed is not None:
-            self.model, family = model, streamed.family
-        else:
-            named = source.store.metadata.get("backbone", {})
-            self.model, family = model or named.get("name"), named.get("family")
-            if not self.model:
-                raise ConfigError(
-                    "fidelity needs the CLIP backbone, but the store does not name it: set model="
-                )
-            if family is None:
-                family = self.backbone.family
-        if family != "clip":
-            raise ConfigError(
-                f"fidelity needs a CLIP backbone (zero-shot text head), but {self.model!r} is a "
-                f"{family} model: unset fidelity"
-            )
-        self.images = open_images(self.spec.data)
-        if not self.images.class_names:
-            raise ConfigError(
-                f"fidelity.data {self.spec.data.source!r} has no class names: give labelled "
-                "images (class folders, or label_column and class_names_file)"
-            )
-        order = shuffled_order(len(self.images), self.spec.seed)
-        self.order = order if self.spec.limit is None else order[: self.spec.limit]
-        if (self.images.labels[self.order] < 0).any():
-            raise ConfigError(
-                f"fidelity.data {self.spec.data.source!r} holds unlabelled images (label -1); "
-                "fidelity scores labelled images only"
-            )
-
-    @property
-    def backbone(self) -> Backbone:
-        if self._backbone is None:
-            self._backbone = load_backbone(
-                self.model, device=self.device, tokenizer=self.spec.tokenizer
-            )
-        return self._backbone
-
-    def __call__(self, sae: Any) -> dict[str, float]:
-        """``ce_*``, ``acc_*`` (original, spliced, zero), ``fraction_recovered``, counts."""
-        spec = self.spec
-        bad: list[BadRecord] = []
-        batches = image_batches(
-            self.images,
-            self.order,
-            self.backbone.preprocessor,
-            spec.batch_size,
-            num_workers=spec.num_workers,
+    if cfg.fidelity is None:
+        return None
+    try:
+        return FidelityScorer(
+            cfg.fidelity,
+            source.layer_index,
+            model=cfg.model,
+            store=getattr(source, "store", None),
+            backbone=getattr(source, "backbone", None),
+            device=device,
         )
-        with torch.random.fork_rng(devices=[]):
-            out = downstream_fidelity(
-                self.backbone,
-                sae,
-                self.layer,
-                labelled_batches(batches, bad),
-                self.images.class_names,
-                templates=spec.templates,
-                progress=False,
-            )
-        out["n_bad_images"] = len(bad)
-        return out
+    except FidelityError as err:
+        raise ConfigError(f"fidelity: {err}") from None
 
 
 def _evaluate(
     cfg: TrainConfig,
     members: list[Member],
     source: Any,
-    fidelity: _Fidelity | None,
+    fidelity: FidelityScorer | None,
     progress: dict,
     log: _Logger,
 ) -> None:
@@ -436,10 +377,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
     out = Path(cfg.out)
     source = open_source(cfg, d.device)
-    _check_compatible(cfg, source)
-    fidelity = None
-    if cfg.fidelity is not None:
-        fidelity = _Fidelity(cfg.fidelity, cfg.model, source, d.device)
+    _check_compatible(cfg, source, d.world_size)
+    fidelity = _fidelity_scorer(cfg, source, d.device)
     evaluating = bool(cfg.eval_images) or fidelity is not None
     tpi = source.tokens_per_image
     if cfg.batch_mode == "images":
