@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,7 +155,7 @@ def test_seed_limit_and_reuse_rules(
     argv += ["--layer", "1", "-1", "--batch-size", "2", "--shard-images", "4", "--limit", "9"]
     capsys.readouterr()
     assert main([*argv, "--seed", "7", "--dtype", "bf16", "num_workers=0"]) == 2
-    assert "(differs in: config.dtype, dtype); use a new --out" in capsys.readouterr().err
+    assert "(differs in: dtype); use a new --out" in capsys.readouterr().err
     assert main([*argv, "--seed", "7", "--dtype", "fp16", "num_workers=0"]) == 0
     assert "already complete" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -183,6 +185,62 @@ def test_resume_recomputes_only_missing_shards(
     extract(cfg)
     assert kept.stat().st_mtime_ns == mtime
     assert tree(out) == expected
+
+
+def test_resume_accepts_the_same_paths_spelled_differently(
+    tiny_model: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tiny_model.parent)
+    cfg = config(Path(tiny_model.name), images, tmp_path / "store", limit=4)
+    out = extract(dataclasses.replace(cfg, data=DataConfig(source=f"{images}/")))
+    meta = ActivationStore.open(out).metadata
+    assert meta["backbone"]["name"] == str(tiny_model.resolve())
+    assert meta["data"]["source"] == str(images.resolve())
+    assert "config" not in meta and "split" not in meta and meta["data"]["split"] == "train"
+    assert meta["devices"] == ["cpu"]
+    assert json.loads((out / "shards" / "00000.json").read_text())["device"] == "cpu"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    extract(dataclasses.replace(cfg, model=str(tiny_model)))
+    assert "already complete" in capsys.readouterr().out
+    moved = tmp_path / "moved_model"
+    shutil.copytree(tiny_model, moved)
+    with pytest.raises(StoreError, match="other paths or names.*rerun with the original") as err:
+        extract(dataclasses.replace(cfg, model=str(moved)))
+    assert str(tiny_model.resolve()) in str(err.value) and "delete" not in str(err.value)
+
+
+def test_complete_store_with_missing_shard_file_is_repaired(
+    tiny_model: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = config(tiny_model, images, tmp_path / "store")
+    out = extract(cfg)
+    expected = tree(out)
+    (out / "layer_2" / "00001.npy").unlink()
+    with pytest.raises(StoreError, match="layer_2/00001.npy is missing.*rerun the same extract"):
+        ActivationStore.open(out)
+    capsys.readouterr()
+    extract(cfg)
+    assert "already complete" not in capsys.readouterr().out
+    assert tree(out) == expected
+
+
+def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [
+        ("--batch-size", 32),
+        ("--shard-images", 1024),
+        ("--num-workers", 2),
+        ("--dtype", "fp16"),
+        ("--device", "cpu"),
+    ]:
+        assert re.search(rf"{flag} \S+ (?:(?!--).)*\(default {default}\)", text), flag
 
 
 def test_cli_builds_config(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from patchsae.backbones import BackboneError, TokenLayout
+from patchsae.data.images import BadRecord
 from patchsae.data.loaders import image_batches_from_store, token_batches
 from patchsae.data.store import FORMAT_VERSION, ActivationStore, StoreError, StoreWriter
 
@@ -62,7 +64,7 @@ def write_store(
                     {"example_ids": ids.tolist(), "labels": (ids % 3).tolist(), "bad": bad}
                 )
             )
-        writer.finalize(entries, [b for e in entries for b in e["bad"]])
+        writer.finalize(entries, [BadRecord(**b) for e in entries for b in e["bad"]])
     return root
 
 
@@ -264,3 +266,88 @@ def test_image_batches_from_store(coded_store: ActivationStore) -> None:
     assert sorted(seen) == sorted(list(range(4)) * 5)
     held = torch.cat(list(image_batches_from_store(coded_store, 8, start=20, layer=1)))
     np.testing.assert_array_equal(held[:, 0, 0].numpy(), [20, 21, 22])
+
+
+def test_lock_is_per_process_not_inherited_by_forks(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    writer = StoreWriter(root, make_plan())
+    release_r, release_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(release_w)
+            os.read(release_r, 1)
+        finally:
+            os._exit(0)
+    os.close(release_r)
+    try:
+        writer.close()
+        StoreWriter(root, make_plan()).close()
+    finally:
+        os.close(release_w)
+        os.waitpid(child, 0)
+    assert (root / ".lock").is_file()
+    only_lock = tmp_path / "only_lock"
+    only_lock.mkdir()
+    (only_lock / ".lock").touch()
+    with StoreWriter(only_lock, make_plan()) as writer:
+        assert not writer.complete
+
+
+def test_writer_refuses_corrupt_metadata_and_file_out(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    StoreWriter(root, make_plan()).close()
+    good = (root / "metadata.json").read_text()
+    (root / "metadata.json").write_text(good[:-10])
+    with pytest.raises(StoreError, match="metadata.json is corrupt"):
+        StoreWriter(root, make_plan())
+    with pytest.raises(StoreError, match="metadata.json is corrupt"):
+        ActivationStore.open(root)
+    (root / "metadata.json").write_text(good)
+    StoreWriter(root, make_plan()).close()
+    with pytest.raises(StoreError, match="differs in"):
+        StoreWriter(root, make_plan(dtype="fp16"))
+    StoreWriter(root, make_plan()).close()
+    as_file = tmp_path / "metadata.json"
+    as_file.write_text("{}")
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        StoreWriter(as_file, make_plan())
+
+
+def test_names_only_difference_asks_for_original_options(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    StoreWriter(root, make_plan(data={"source": "/a/imgs", "fingerprint": "f"})).close()
+    with pytest.raises(StoreError, match="rerun with the original options") as err:
+        StoreWriter(root, make_plan(data={"source": "/b/imgs", "fingerprint": "f"}))
+    assert "'/a/imgs'" in str(err.value) and "delete" not in str(err.value)
+    with pytest.raises(StoreError, match="differs in: data.fingerprint, data.source.*delete"):
+        StoreWriter(root, make_plan(data={"source": "/b/imgs", "fingerprint": "g"}))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_open_and_writer_check_shard_files(coded_store: ActivationStore, damage: str) -> None:
+    root = coded_store.root
+    path = root / "layer_3" / "00002.npy"
+    if damage == "delete":
+        path.unlink()
+        message = "layer_3/00002.npy is missing"
+    else:
+        path.write_bytes(path.read_bytes()[:-4])
+        message = "layer_3/00002.npy has .* bytes"
+    with pytest.raises(StoreError, match=f"damaged: shard file {message}.*rerun the same extract"):
+        ActivationStore.open(root)
+    with StoreWriter(root, make_plan()) as writer:
+        assert not writer.complete
+        assert writer.shard_entry(2) is None and writer.shard_entry(1) is not None
+    assert json.loads((root / "metadata.json").read_text())["complete"] is False
+
+
+def test_token_batches_refuse_a_stream_shorter_than_one_batch(
+    coded_store: ActivationStore,
+) -> None:
+    with pytest.raises(StoreError, match="115 all tokens per epoch.*cannot fill one batch of 200"):
+        next(token_batches(coded_store, 200, seed=0, epochs=1))
+    with pytest.raises(StoreError, match="2 cls tokens per epoch"):
+        next(token_batches(coded_store, 3, seed=0, tokens="cls", epochs=1, stop=2))
+    assert [len(b) for b in token_batches(coded_store, 200, seed=0, epochs=2)] == [200]
+    assert len(next(token_batches(coded_store, 3, seed=0, tokens="cls", stop=2))) == 3

@@ -35,8 +35,6 @@ from patchsae.data.images import (
 )
 from patchsae.data.store import FORMAT_VERSION, StoreWriter
 
-UNCOMPARED_KEYS = ("out", "device", "num_workers")
-
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -77,27 +75,42 @@ class ExtractConfig:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+def _absolute(path_or_name: str | None) -> str | None:
+    """A local file or folder as its resolved absolute path; other names (hub ids) unchanged."""
+    if path_or_name is None:
+        return None
+    path = Path(path_or_name).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_name
+
+
 def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned: int) -> dict:
-    """The store metadata fixed before any image is processed (compared on resume)."""
+    """The store metadata fixed before any image is processed (compared on resume).
+
+    Every setting appears once. Local model and data paths are recorded resolved, so the same
+    folder named differently (``DIR/``, a relative path from another directory) resumes the store.
+    ``out``, ``device`` and ``num_workers`` do not change the planned bytes and are not recorded.
+    """
     layers = [backbone.resolve_layer(layer) for layer in cfg.layers]
     if len(set(layers)) != len(layers):
         raise ConfigError(f"layers {list(cfg.layers)} name the same block twice ({layers})")
-    config = {k: v for k, v in to_dict(cfg).items() if k not in UNCOMPARED_KEYS}
+    identity = backbone.identity()
+    if identity["folder_hash"] is not None:
+        identity["name"] = _absolute(identity["name"])
+    data = dataclasses.replace(
+        cfg.data,
+        source=_absolute(cfg.data.source),
+        class_names_file=_absolute(cfg.data.class_names_file),
+    )
     return {
         "format_version": FORMAT_VERSION,
-        "backbone": {**backbone.identity(), "n_layers": backbone.n_layers},
+        "backbone": {**identity, "n_layers": backbone.n_layers},
         "layers": layers,
         "layers_requested": list(cfg.layers),
         "token_layout": backbone.token_layout.to_dict(),
         "d_model": backbone.d_model,
         "n_tokens": backbone.token_layout.n_tokens,
         "dtype": cfg.dtype,
-        "data": {
-            **to_dict(cfg.data),
-            "fingerprint": source.fingerprint,
-            "n_source": len(source),
-        },
-        "split": cfg.data.split,
+        "data": {**to_dict(data), "fingerprint": source.fingerprint, "n_source": len(source)},
         "class_names": list(source.class_names),
         "seed": cfg.seed,
         "limit": cfg.limit,
@@ -105,16 +118,15 @@ def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned
         "batch_size": cfg.batch_size,
         "n_planned": n_planned,
         "n_shards": -(-n_planned // cfg.shard_images),
-        "config": config,
     }
 
 
-def _print_bad(bad: list[dict[str, Any]], out: Path) -> None:
+def _print_bad(bad: list[BadRecord], out: Path) -> None:
     if not bad:
         return
     print(f"skipped {len(bad)} bad image(s) (listed in {out / 'bad_images.json'}):")
     for record in bad[:20]:
-        print(f"  {record['where']}: {record['reason']}")
+        print(f"  {record.where}: {record.reason}")
     if len(bad) > 20:
         print(f"  ... and {len(bad) - 20} more")
 
@@ -160,7 +172,7 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
                 entries[k] = _extract_shard(cfg, backbone, batches, writer, k, ids, bar, clock)
         bar.close()
         t_finalize = time.perf_counter()
-        bad = [record for entry in entries for record in entry["bad"]]
+        bad = [BadRecord(**record) for entry in entries for record in entry["bad"]]
         writer.finalize(entries, bad)
     _print_bad(bad, out)
     t_end = time.perf_counter()
@@ -231,6 +243,7 @@ def _extract_shard(
             "example_ids": np.concatenate(kept_ids).tolist(),
             "labels": np.concatenate(kept_labels).tolist(),
             "bad": [dataclasses.asdict(record) for record in bad],
+            "device": backbone.device.type,
         }
     )
     clock["write"] += time.perf_counter() - t
@@ -291,12 +304,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="store folder (created; rerun to resume)")
     p.add_argument("--split", help="dataset split (default train)")
     p.add_argument("--limit", type=int, help="only the first N planned images")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="storage dtype (fp16)")
+    defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
+    p.add_argument(
+        "--batch-size", type=int, help=f"images per forward pass (default {defaults['batch_size']})"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp16", "bf16", "fp32"],
+        help=f"storage dtype (default {defaults['dtype']})",
+    )
     p.add_argument("--seed", type=int, help="shuffle the image order (default: source order)")
-    p.add_argument("--num-workers", type=int, help="image decoding workers")
-    p.add_argument("--shard-images", type=int, help="images per shard file")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help=f"image decoding workers (default {defaults['num_workers']})",
+    )
+    p.add_argument(
+        "--shard-images",
+        type=int,
+        help=f"images per shard file (default {defaults['shard_images']})",
+    )
+    p.add_argument(
+        "--device", help=f"torch device, e.g. cpu or cuda (default {defaults['device']})"
+    )
     p.add_argument("--config", help="YAML file with ExtractConfig keys")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_run)

@@ -61,7 +61,8 @@ def token_batches(
     position) are permuted by a generator seeded from (seed, epoch, w). Concatenating all windows
     of all epochs gives one token stream; batch i is tokens [i * batch_size, (i + 1) * batch_size).
     ``seed=None`` keeps store order. ``epochs=None`` streams forever; otherwise the incomplete last
-    batch is dropped.
+    batch is dropped, and a range whose ``epochs`` epochs hold fewer than ``batch_size`` tokens is
+    refused (it would yield nothing).
     """
     _check_seed("seed", seed)
     if batch_size < 1 or window_images < 1 or start_batch < 0:
@@ -74,6 +75,12 @@ def token_batches(
     n_images = stop - start
     per_image = token_sel.stop - token_sel.start
     per_window = window_images * per_image
+    if epochs is not None and epochs * n_images * per_image < batch_size:
+        raise StoreError(
+            f"images [{start}, {stop}) hold {n_images * per_image} {tokens} tokens per epoch, "
+            f"{epochs} epoch(s) cannot fill one batch of {batch_size}: lower batch_size, widen "
+            "the image range or raise epochs"
+        )
     offset = start_batch * batch_size
     epoch, within = divmod(offset, n_images * per_image)
     first_window, skip = divmod(within, per_window)

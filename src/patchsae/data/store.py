@@ -2,6 +2,7 @@
 
 Layout of a store folder (format described in ``docs/store.md``)::
 
+    .lock                      locked (``lockf``) by the process writing the store
     metadata.json              plan + results; "complete": true once every shard is written
     example_ids.npy            (N,) int64, example id of each stored image, in store order
     labels.npy                 (N,) int64, its label (-1 when unlabelled)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,17 @@ import torch
 
 from patchsae.atomic import TMP_SUFFIX, atomic_file, write_json
 from patchsae.backbones import TokenLayout
+from patchsae.data.images import BadRecord, write_bad_report
 
 FORMAT_VERSION = 1
+LOCK = ".lock"
 METADATA = "metadata.json"
 EXAMPLE_IDS = "example_ids.npy"
 LABELS = "labels.npy"
 BAD_IMAGES = "bad_images.json"
 SHARD_DIR = "shards"
-RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files")
+RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files", "devices")
+NAME_KEYS = ("backbone.name", "data.source", "data.class_names_file")
 DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 
 
@@ -89,6 +94,44 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two nested dicts (missing counts as differing)."""
     fa, fb = _flatten(a), _flatten(b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k, ...) != fb.get(k, ...))
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(
+            f"{path} is corrupt ({err}); the store cannot be read or resumed: extract it again "
+            "into an empty --out"
+        ) from None
+
+
+def shard_problem(root: Path, k: int, layers: Sequence[int]) -> str | None:
+    """Why shard ``k`` of the store ``root`` is not complete on disk, or None when it is.
+
+    Complete: its entry JSON is readable and lists exactly ``layers``, each file existing with
+    the recorded size.
+    """
+    entry_path = root / SHARD_DIR / f"{shard_name(k)}.json"
+    if not entry_path.is_file():
+        return f"shard entry {entry_path.relative_to(root)} is missing"
+    try:
+        entry = json.loads(entry_path.read_text())
+    except json.JSONDecodeError:
+        return f"shard entry {entry_path.relative_to(root)} is corrupt"
+    files = entry.get("files", {})
+    if sorted(files) != sorted(str(layer) for layer in layers):
+        return f"shard entry {entry_path.relative_to(root)} lists layers {sorted(files)}"
+    for info in files.values():
+        path = root / info["path"]
+        if not path.is_file():
+            return f"shard file {info['path']} is missing"
+        if path.stat().st_size != info["bytes"]:
+            return (
+                f"shard file {info['path']} has {path.stat().st_size} bytes, "
+                f"{info['bytes']} expected"
+            )
+    return None
 
 
 class ShardWriter:
@@ -164,55 +207,100 @@ class ShardWriter:
         return entry
 
 
+_LOCKED: set[Path] = set()
+_LOCKED_GUARD = threading.Lock()
+
+
 class StoreWriter:
     """Creates or resumes a store folder for a fixed ``plan`` (the metadata known before the run).
 
     Opening a folder that holds a store of another plan raises :class:`StoreError` naming the keys
-    that differ. The folder is locked (``flock``) while the writer is open.
+    that differ. While the writer is open, ``root/.lock`` holds a POSIX record lock (``lockf``):
+    it belongs to this process only, so forked DataLoader workers do not keep it after a kill.
+    A second writer on the same folder, in this process or another, is refused.
     """
 
     def __init__(self, root: str | os.PathLike, plan: dict[str, Any]) -> None:
         self.root = Path(root)
         self.plan = plan
+        self._lock_fd = -1
+        self._locked: Path | None = None
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"--out {self.root} is a file, not a folder; pass a store folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root, os.O_RDONLY)
+        self._lock()
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreError(
-                f"another process is writing to {self.root}; wait for it or use another --out"
-            ) from None
-        self.complete = False
+            self.complete = self._check_folder()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        lock_path = (self.root / LOCK).resolve()
+        busy = StoreError(
+            f"another process (or another writer in this process) is writing to {self.root}; "
+            "wait for it or use another --out"
+        )
+        with _LOCKED_GUARD:
+            if lock_path in _LOCKED:
+                raise busy
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise busy from None
+            _LOCKED.add(lock_path)
+        self._lock_fd, self._locked = fd, lock_path
+
+    def _check_folder(self) -> bool:
+        """Compare with or create ``metadata.json``; True when the store is complete on disk."""
         meta_path = self.root / METADATA
-        if meta_path.is_file():
-            existing = json.loads(meta_path.read_text())
-            previous = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
-            diff = differing_keys(previous, plan)
-            if diff:
-                self.close()
-                raise StoreError(
-                    f"{self.root} holds a store made with a different configuration "
-                    f"(differs in: {', '.join(diff)}); use a new --out or delete that folder"
-                )
-            self.complete = bool(existing.get("complete"))
-        else:
-            leftovers = [p.name for p in self.root.iterdir()]
+        if not meta_path.is_file():
+            leftovers = [p.name for p in self.root.iterdir() if p.name != LOCK]
             if leftovers:
-                self.close()
                 raise StoreError(
                     f"{self.root} is not empty ({', '.join(sorted(leftovers)[:5])}) and holds no "
                     f"{METADATA}; use a new --out or an empty folder"
                 )
-            write_json(meta_path, {**plan, "complete": False}, indent=1)
-        if not self.complete:
+            write_json(meta_path, {**self.plan, "complete": False}, indent=1)
+            return False
+        existing = _read_metadata(meta_path)
+        previous = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
+        diff = differing_keys(previous, self.plan)
+        if diff and set(diff) <= set(NAME_KEYS):
+            flat = _flatten(previous)
+            was = ", ".join(f"{k}={flat.get(k)!r}" for k in diff)
+            raise StoreError(
+                f"{self.root} holds a store of the same model and images under other paths or "
+                f"names ({was}); rerun with the original options to resume or reuse it"
+            )
+        if diff:
+            raise StoreError(
+                f"{self.root} holds a store made with a different configuration "
+                f"(differs in: {', '.join(diff)}); use a new --out or delete that folder"
+            )
+        complete = bool(existing.get("complete"))
+        n_shards = len(existing.get("shard_counts", []))
+        if complete and any(
+            shard_problem(self.root, k, self.plan["layers"]) for k in range(n_shards)
+        ):
+            write_json(meta_path, {**self.plan, "complete": False}, indent=1)
+            complete = False
+        if not complete:
             for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
                 tmp.unlink()
+        return complete
 
     def close(self) -> None:
+        """Release the lock (idempotent)."""
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._locked is not None:
+            with _LOCKED_GUARD:
+                _LOCKED.discard(self._locked)
+            self._locked = None
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -222,20 +310,9 @@ class StoreWriter:
 
     def shard_entry(self, k: int) -> dict[str, Any] | None:
         """The entry of shard ``k`` if the shard is complete on disk (files exist, sizes match)."""
-        entry_path = self.root / SHARD_DIR / f"{shard_name(k)}.json"
-        if not entry_path.is_file():
+        if shard_problem(self.root, k, self.plan["layers"]) is not None:
             return None
-        try:
-            entry = json.loads(entry_path.read_text())
-        except json.JSONDecodeError:
-            return None
-        for info in entry.get("files", {}).values():
-            path = self.root / info["path"]
-            if not path.is_file() or path.stat().st_size != info["bytes"]:
-                return None
-        if sorted(entry.get("files", {})) != sorted(str(layer) for layer in self.plan["layers"]):
-            return None
-        return entry
+        return json.loads((self.root / SHARD_DIR / f"{shard_name(k)}.json").read_text())
 
     def shard(self, k: int, n_planned: int) -> ShardWriter:
         """A writer for shard ``k`` sized for ``n_planned`` images."""
@@ -244,19 +321,23 @@ class StoreWriter:
             self.root, k, n_planned, p["layers"], p["n_tokens"], p["d_model"], p["dtype"]
         )
 
-    def finalize(self, entries: list[dict[str, Any]], bad_report: list[dict[str, Any]]) -> Path:
-        """Write the index files, ``bad_images.json`` and the complete ``metadata.json``."""
+    def finalize(self, entries: list[dict[str, Any]], bad: list[BadRecord]) -> Path:
+        """Write the index files, ``bad_images.json`` and the complete ``metadata.json``.
+
+        ``devices`` in the metadata lists the device types named by the entries' ``device``.
+        """
         ids = [np.asarray(e["example_ids"], dtype=np.int64) for e in entries]
         labels = [np.asarray(e["labels"], dtype=np.int64) for e in entries]
         atomic_save_npy(self.root / EXAMPLE_IDS, np.concatenate(ids) if ids else np.zeros(0, int))
         atomic_save_npy(self.root / LABELS, np.concatenate(labels) if labels else np.zeros(0, int))
-        write_json(self.root / BAD_IMAGES, bad_report, indent=1)
+        write_bad_report(bad, self.root / BAD_IMAGES)
         results = {
             "complete": True,
             "n_images": int(sum(e["n_images"] for e in entries)),
-            "n_bad": len(bad_report),
+            "n_bad": len(bad),
             "shard_counts": [int(e["n_images"]) for e in entries],
             "files": {"example_ids": EXAMPLE_IDS, "labels": LABELS, "bad_images": BAD_IMAGES},
+            "devices": sorted({str(e["device"]) for e in entries if "device" in e}),
         }
         write_json(self.root / METADATA, {**self.plan, **results}, indent=1)
         self.complete = True
@@ -289,12 +370,16 @@ class ActivationStore:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> ActivationStore:
-        """Open the store folder ``root``; refuses incomplete stores and unknown formats."""
+        """Open the store folder ``root``.
+
+        Refuses unknown formats, incomplete stores and stores whose shard files are missing or
+        of another size than recorded in their shard entries.
+        """
         root = Path(root)
         meta_path = root / METADATA
         if not meta_path.is_file():
             raise StoreError(f"{root} is not an activation store (no {METADATA}); run extract")
-        metadata = json.loads(meta_path.read_text())
+        metadata = _read_metadata(meta_path)
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(
@@ -306,6 +391,13 @@ class ActivationStore:
                 f"{root} is incomplete (extraction was interrupted); rerun the same extract "
                 "command to finish it"
             )
+        for k in range(len(metadata["shard_counts"])):
+            problem = shard_problem(root, k, metadata["layers"])
+            if problem is not None:
+                raise StoreError(
+                    f"{root} is damaged: {problem}; rerun the same extract command, which "
+                    "recomputes the missing shards"
+                )
         return cls(root, metadata)
 
     def __len__(self) -> int:
@@ -344,7 +436,11 @@ class ActivationStore:
         return self.get(i)
 
     def images(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
-        """(stop - start, T, D) activations of images [start, stop); a view within one shard."""
+        """(stop - start, T, D) activations of images [start, stop) at ``layer``.
+
+        fp32/fp16 stores: a memory-mapped view when the range lies in one shard, else a copy in
+        the stored dtype. bf16 stores: always a float32 copy (the bits are converted).
+        """
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"images [{start}, {stop}) out of range [0, {len(self)}]")
         layer = self.resolve_layer(layer)
