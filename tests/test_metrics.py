@@ -14,6 +14,7 @@ from assets import CLIP_TOKENIZER, FASHION_MNIST
 from patchsae.backbones import TokenLayout
 from patchsae.metrics import (
     FiringWindow,
+    MetricsError,
     build_prompts,
     downstream_fidelity,
     firing_fractions,
@@ -172,18 +173,18 @@ def test_firing_fractions_thresholds():
     freqs = torch.tensor([0.0, 5e-8, 1e-7, 1e-3, 1e-2, 0.5], dtype=torch.float64)
     got = firing_fractions(freqs)
     assert got == {"frac_dead": 1 / 6, "frac_almost_dead": 2 / 6, "frac_dense": 1 / 6}
-    with pytest.raises(ValueError, match="frequency vector"):
+    with pytest.raises(MetricsError, match="frequency vector"):
         firing_fractions(torch.zeros(2, 3))
 
 
 def test_reconstruction_rejects_bad_input():
     sae = identity_sae(4)
     layout = layout_with_register()
-    with pytest.raises(ValueError, match="T=8"):
+    with pytest.raises(MetricsError, match="T=8"):
         reconstruction_metrics(sae, [torch.zeros(2, 5, 4)], layout, progress=False)
-    with pytest.raises(ValueError, match="d_in=4"):
+    with pytest.raises(MetricsError, match="d_in=4"):
         reconstruction_metrics(sae, [torch.zeros(2, 8, 3)], layout, progress=False)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(MetricsError, match="empty"):
         reconstruction_metrics(sae, [], layout, progress=False)
 
 
@@ -229,7 +230,7 @@ def test_firing_window_slides():
 
 def test_firing_window_state_round_trip_and_errors():
     w = FiringWindow(d_sae=2, window_tokens=5)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(MetricsError, match="empty"):
         w.frequencies()
     for i in range(4):
         w.update(torch.tensor([i, 1]), 3)
@@ -240,11 +241,11 @@ def test_firing_window_state_round_trip_and_errors():
     w.update(torch.tensor([7, 0]), 3)
     restored.update(torch.tensor([7, 0]), 3)
     assert torch.equal(restored.counts(), w.counts())
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+    with pytest.raises(MetricsError, match=r"shape \(2,\)"):
         w.update(torch.zeros(3, dtype=torch.int64), 3)
-    with pytest.raises(ValueError, match="another width"):
+    with pytest.raises(MetricsError, match="another width"):
         FiringWindow(d_sae=4, window_tokens=5).load_state_dict(w.state_dict())
-    with pytest.raises(ValueError, match="window_tokens"):
+    with pytest.raises(MetricsError, match="window_tokens"):
         FiringWindow(d_sae=4, window_tokens=0)
 
 

@@ -17,7 +17,7 @@ from patchsae.data.store import ActivationStore
 from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
 from patchsae.train import trainer as trainer_module
-from patchsae.train.sources import SourceError, StreamSource, epoch_seed
+from patchsae.train.sources import SourceError, StoreSource, StreamSource, epoch_seed
 from run_files import kill_after_first_checkpoint, untimed_metrics, weights
 from tiny_models import save_tiny_vit
 
@@ -274,3 +274,26 @@ def test_bad_streaming_configs_are_refused(model: Path, images: Path, tmp_path: 
     with pytest.raises(ValueError, match="range"):
         train(config(model, images, tmp_path / "e", layer=5))
     assert not (tmp_path / "a").exists()
+
+
+def test_store_source_accepts_its_model_under_another_path(
+    model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ExtractConfig(
+        model=str(model),
+        data=DataConfig(source=str(images)),
+        layers=(-1,),
+        out=str(tmp_path / "store"),
+        batch_size=2,
+        shard_images=4,
+        num_workers=0,
+        limit=4,
+    )
+    store = extract(cfg)
+    monkeypatch.chdir(model.parent)
+    relative = {"store": str(store), "model": f"./{model.name}/", "layer": -1}
+    settings = {"out": str(tmp_path / "run"), "sae": {"d_in": D, "d_sae": 8}, "batch_images": 2}
+    assert StoreSource(from_dict(TrainConfig, {**relative, **settings})).n_images == 4
+    other = {**relative, "model": str(images)}
+    with pytest.raises(SourceError, match="was extracted from"):
+        StoreSource(from_dict(TrainConfig, {**other, **settings}))

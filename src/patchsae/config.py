@@ -144,6 +144,18 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"invalid {cls.__name__}: {err}") from None
 
 
+def resolve_local(path_or_name: str | None) -> str | None:
+    """A local file or folder as its resolved absolute path; other names (hub ids) unchanged.
+
+    Outputs record paths this way, so the same folder named differently (``DIR/``, a relative
+    path from another directory) is recognised as the same input.
+    """
+    if path_or_name is None:
+        return None
+    path = Path(path_or_name).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_name
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from patchsae.backbones import Backbone, load_backbone
-from patchsae.config import ConfigError, load_config, to_dict
+from patchsae.config import ConfigError, load_config, resolve_local, to_dict
 from patchsae.data.images import (
     BadRecord,
     DataConfig,
@@ -75,14 +75,6 @@ class ExtractConfig:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
-def _absolute(path_or_name: str | None) -> str | None:
-    """A local file or folder as its resolved absolute path; other names (hub ids) unchanged."""
-    if path_or_name is None:
-        return None
-    path = Path(path_or_name).expanduser()
-    return str(path.resolve()) if path.exists() else path_or_name
-
-
 def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned: int) -> dict:
     """The store metadata fixed before any image is processed (compared on resume).
 
@@ -95,11 +87,11 @@ def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned
         raise ConfigError(f"layers {list(cfg.layers)} name the same block twice ({layers})")
     identity = backbone.identity()
     if identity["folder_hash"] is not None:
-        identity["name"] = _absolute(identity["name"])
+        identity["name"] = resolve_local(identity["name"])
     data = dataclasses.replace(
         cfg.data,
-        source=_absolute(cfg.data.source),
-        class_names_file=_absolute(cfg.data.class_names_file),
+        source=resolve_local(cfg.data.source),
+        class_names_file=resolve_local(cfg.data.class_names_file),
     )
     return {
         "format_version": FORMAT_VERSION,

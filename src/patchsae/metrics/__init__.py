@@ -11,7 +11,7 @@ from patchsae.metrics.fidelity import (
     labelled_batches,
     zero_shot_classifier,
 )
-from patchsae.metrics.firing import FiringWindow, firing_fractions
+from patchsae.metrics.firing import FiringWindow, MetricsError, firing_fractions
 from patchsae.metrics.reconstruction import reconstruction_metrics
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "FidelityError",
     "FidelityScorer",
     "FiringWindow",
+    "MetricsError",
     "build_prompts",
     "downstream_fidelity",
     "evaluate",

@@ -29,12 +29,16 @@ def firing_fractions(
     dead latents included) and ``frac_dense`` (frequency > dense).
     """
     if freqs_m.ndim != 1 or freqs_m.numel() == 0:
-        raise ValueError(f"expected a non-empty (d_sae,) frequency vector, got {freqs_m.shape}")
+        raise MetricsError(f"expected a non-empty (d_sae,) frequency vector, got {freqs_m.shape}")
     return {
         "frac_dead": (freqs_m <= dead).double().mean().item(),
         "frac_almost_dead": (freqs_m < almost_dead).double().mean().item(),
         "frac_dense": (freqs_m > dense).double().mean().item(),
     }
+
+
+class MetricsError(ValueError):
+    """Metrics asked of inputs they cannot be computed on (empty, mis-shaped, inconsistent)."""
 
 
 class FiringWindow:
@@ -48,9 +52,9 @@ class FiringWindow:
 
     def __init__(self, d_sae: int, window_tokens: int) -> None:
         if d_sae <= 0:
-            raise ValueError(f"d_sae must be positive, got {d_sae}")
+            raise MetricsError(f"d_sae must be positive, got {d_sae}")
         if window_tokens <= 0:
-            raise ValueError(f"window_tokens must be positive, got {window_tokens}")
+            raise MetricsError(f"window_tokens must be positive, got {window_tokens}")
         self.d_sae = d_sae
         self.window_tokens = window_tokens
         self._chunks: deque[tuple[torch.Tensor, int]] = deque()
@@ -70,11 +74,11 @@ class FiringWindow:
     def update(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
         """Add one step: fire_counts (d_sae,) integer firings per latent over n_tokens tokens."""
         if fire_counts.shape != (self.d_sae,):
-            raise ValueError(
+            raise MetricsError(
                 f"fire_counts must have shape ({self.d_sae},), got {tuple(fire_counts.shape)}"
             )
         if n_tokens <= 0:
-            raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+            raise MetricsError(f"n_tokens must be positive, got {n_tokens}")
         counts_m = fire_counts.detach().to(torch.int64)
         self._chunks.append((counts_m, int(n_tokens)))
         self._counts_m = counts_m.clone() if self._counts_m is None else self._counts_m + counts_m
@@ -87,7 +91,9 @@ class FiringWindow:
     def counts(self) -> torch.Tensor:
         """(d_sae,) int64 firings per latent over the window."""
         if self._counts_m is None:
-            raise ValueError("the firing window is empty: call update() with a step's counts first")
+            raise MetricsError(
+                "the firing window is empty: call update() with a step's counts first"
+            )
         return self._counts_m.clone()
 
     def frequencies(self) -> torch.Tensor:
@@ -116,7 +122,7 @@ class FiringWindow:
         """Restore the chunks saved by ``state_dict`` (replaces the current window)."""
         counts_km, tokens_k = state["counts"], state["tokens"]
         if counts_km.ndim != 2 or counts_km.shape[1] != self.d_sae:
-            raise ValueError(
+            raise MetricsError(
                 f"saved firing counts have shape {tuple(counts_km.shape)}, "
                 f"expected (k, {self.d_sae}): the window belongs to an SAE of another width"
             )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from patchsae.metrics.firing import firing_fractions
+from patchsae.metrics.firing import MetricsError, firing_fractions
 
 if TYPE_CHECKING:
     from patchsae.backbones import TokenLayout
@@ -100,14 +100,14 @@ def reconstruction_metrics(
             x = torch.as_tensor(batch)
             if token_layout is not None:
                 if x.ndim != 3 or x.shape[1] != token_layout.n_tokens:
-                    raise ValueError(
+                    raise MetricsError(
                         f"batches must be (B, T={token_layout.n_tokens}, D) to match the token "
                         f"layout, got {tuple(x.shape)}; pass token_layout=None for (N, D) tokens"
                     )
             elif x.ndim not in (2, 3):
-                raise ValueError(f"batches must be (B, T, D) or (N, D), got {tuple(x.shape)}")
+                raise MetricsError(f"batches must be (B, T, D) or (N, D), got {tuple(x.shape)}")
             if x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(
+                raise MetricsError(
                     f"activations have width {x.shape[-1]} but the SAE expects d_in="
                     f"{sae.cfg.d_in}: evaluate on activations of the layer it was trained on"
                 )
@@ -126,7 +126,7 @@ def reconstruction_metrics(
     finally:
         sae.train(was_training)
     if sums.n == 0 or fire_counts_m is None or nnz_t is None:
-        raise ValueError("no activations to evaluate: the slice of images is empty")
+        raise MetricsError("no activations to evaluate: the slice of images is empty")
     total_var = sums.m2_d.sum().item()
     fvu = sums.sse / total_var if total_var > 0 else float("nan")
     fvu_uncentred = sums.sse / sums.sum_sq if sums.sum_sq > 0 else float("nan")

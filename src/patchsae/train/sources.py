@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from patchsae.backbones import TokenLayout, load_backbone
+from patchsae.config import resolve_local
 from patchsae.data.images import BadRecord, image_batches, open_images, shuffled_order
 from patchsae.data.loaders import image_batches_from_store, token_batches
 from patchsae.data.store import ActivationStore
@@ -99,7 +100,8 @@ class StoreSource(Source):
     def __init__(self, cfg: TrainConfig) -> None:
         self.store = ActivationStore.open(cfg.store)
         extracted_from = self.store.metadata.get("backbone", {}).get("name")
-        if cfg.model is not None and extracted_from is not None and cfg.model != extracted_from:
+        model = resolve_local(cfg.model)
+        if model is not None and extracted_from is not None and model != extracted_from:
             raise SourceError(
                 f"the store {cfg.store} was extracted from {extracted_from!r}, not model="
                 f"{cfg.model!r}: set model={extracted_from} or model=null"
