@@ -437,6 +437,21 @@ def test_folder_hash_tracks_config_and_weights_only(tmp_path):
     assert folder_hash(tmp_path / "a") != first
 
 
+def test_folder_name_is_resolved_and_hash_computed_once_on_demand(tmp_path, monkeypatch):
+    import patchsae.backbones.core as core
+
+    save("vit", tmp_path / "a")
+    calls = []
+    monkeypatch.setattr(core, "folder_hash", lambda folder: calls.append(folder) or "h" * 64)
+    monkeypatch.chdir(tmp_path)
+    backbone = load_backbone("./a/")
+    assert backbone.name == str((tmp_path / "a").resolve())
+    assert calls == []
+    assert backbone.identity()["folder_hash"] == "h" * 64
+    assert backbone.identity()["name"] == backbone.name
+    assert calls == [(tmp_path / "a").resolve()]
+
+
 def test_load_vit_without_pooler_weights(tmp_path):
     model, _ = save("vit_no_pooler", tmp_path / "vit")
     backbone = load_backbone(tmp_path / "vit")

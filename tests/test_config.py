@@ -1,11 +1,18 @@
 """Typed YAML configs with key=value overrides."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
-from patchsae.config import ConfigError, from_dict, load_config, to_dict
+from patchsae.config import (
+    ConfigError,
+    check_local_folder,
+    from_dict,
+    load_config,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -86,3 +93,21 @@ def test_large_integers_stay_exact(tmp_path):
     for bad in ("2.5", "1e-3", "inf", "nan", "ten", "true"):
         with pytest.raises(ConfigError, match="steps: .* is not an integer"):
             load_config(Outer, None, ["name=x", f"steps={bad}"])
+
+
+class FolderError(ValueError):
+    pass
+
+
+def test_check_local_folder_tells_paths_from_names(tmp_path, monkeypatch):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert check_local_folder("./dir", FolderError, fix="f") == Path("dir")
+    assert check_local_folder(str(tmp_path / "dir"), FolderError, fix="f") == tmp_path / "dir"
+    assert check_local_folder("org/model-name", FolderError, fix="f") is None
+    with pytest.raises(FolderError, match="file.txt is a file, not a model folder: pass X"):
+        check_local_folder("file.txt", FolderError, kind="model folder", fix="pass X")
+    for missing in ("./nope", str(tmp_path / "nope"), "~/surely-missing-patchsae-folder"):
+        with pytest.raises(FolderError, match=f"folder {missing} does not exist: check the path"):
+            check_local_folder(missing, FolderError, fix="f")

@@ -13,7 +13,13 @@ import torch
 from patchsae.backbones import BackboneError, TokenLayout
 from patchsae.data.images import BadRecord
 from patchsae.data.loaders import image_batches_from_store, token_batches
-from patchsae.data.store import FORMAT_VERSION, ActivationStore, StoreError, StoreWriter
+from patchsae.data.store import (
+    FORMAT_VERSION,
+    ActivationStore,
+    StoreError,
+    StoreWriter,
+    to_storage,
+)
 
 LAYOUT = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
 N_LAYERS = 4
@@ -57,7 +63,9 @@ def write_store(
             shard = writer.shard(k, planned)
             for lo in range(0, len(ids), 2):
                 chunk = ids[lo : lo + 2]
-                shard.append({layer: make_acts(chunk, layer) for layer in (1, 3)})
+                shard.append(
+                    {layer: to_storage(make_acts(chunk, layer), dtype) for layer in (1, 3)}
+                )
             bad = [{"example_id": -1, "where": f"bad{k}", "reason": "x"}] * (planned - len(ids))
             entries.append(
                 shard.commit(
@@ -162,6 +170,21 @@ def test_writer_refuses_other_plan_and_foreign_folder(tmp_path: Path) -> None:
     (foreign / "notes.txt").write_text("x")
     with pytest.raises(StoreError, match="not empty"):
         StoreWriter(foreign, make_plan())
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_append_takes_storage_arrays_only(tmp_path: Path, dtype: str) -> None:
+    acts = coded_acts(np.arange(2), 1) + 0.1
+    with StoreWriter(tmp_path / "s", make_plan(dtype, layers=(1,))) as writer:
+        shard = writer.shard(0, 2)
+        with pytest.raises(StoreError, match=f"float32 values.*to_storage\\(acts, '{dtype}'\\)"):
+            shard.append({1: acts})
+        assert shard.n_rows == 0
+        shard.append({1: to_storage(acts, dtype)})
+        entry = shard.commit({"example_ids": [0, 1], "labels": [0, 0], "bad": []})
+        writer.finalize([entry], [])
+    stored = np.load(tmp_path / "s" / "layer_1" / "00000.npy")
+    np.testing.assert_array_equal(stored, to_storage(acts, dtype))
 
 
 def test_writer_lock_and_shard_verification(tmp_path: Path) -> None:
@@ -351,3 +374,23 @@ def test_token_batches_refuse_a_stream_shorter_than_one_batch(
         next(token_batches(coded_store, 3, seed=0, tokens="cls", epochs=1, stop=2))
     assert [len(b) for b in token_batches(coded_store, 200, seed=0, epochs=2)] == [200]
     assert len(next(token_batches(coded_store, 3, seed=0, tokens="cls", stop=2))) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1.*batch_size=0"),
+        ({"start_batch": -1}, "start_batch >= 0.*start_batch=-1"),
+        ({"epochs": 0}, "epochs must be >= 1 or None, got 0"),
+    ],
+)
+def test_both_loaders_refuse_bad_stream_arguments(
+    coded_store: ActivationStore, kwargs: dict, message: str
+) -> None:
+    args = {"batch_size": 4, "start_batch": 0, "epochs": 1, **kwargs}
+    with pytest.raises(StoreError, match=message):
+        next(token_batches(coded_store, seed=0, **args))
+    with pytest.raises(StoreError, match=message):
+        next(image_batches_from_store(coded_store, **args))
+    with pytest.raises(StoreError, match="window_images must be >= 1, got 0"):
+        next(token_batches(coded_store, 4, seed=0, window_images=0))

@@ -156,6 +156,25 @@ def resolve_local(path_or_name: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else path_or_name
 
 
+def check_local_folder(
+    source: str, error_cls: type[ValueError], *, kind: str = "folder", fix: str
+) -> Path | None:
+    """``source`` as a ``~``-expanded path when it is an existing folder, None for other names.
+
+    A ``source`` that is an existing file raises ``error_cls`` ("X is a file, not a ``kind``:
+    ``fix``"); one that starts with ``/``, ``.`` or ``~`` names a local path, so when nothing is
+    there it raises ``error_cls`` too ("folder X does not exist") instead of passing as a name.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise error_cls(f"{source} is a file, not a {kind}: {fix}")
+    if source.startswith(("/", ".", "~")):
+        raise error_cls(f"folder {source} does not exist: check the path")
+    return None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -33,14 +33,15 @@ from patchsae.data.images import (
     open_images,
     shuffled_order,
 )
-from patchsae.data.store import FORMAT_VERSION, StoreWriter
+from patchsae.data.store import BAD_IMAGES, FORMAT_VERSION, StoreWriter, to_storage
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """What to extract. ``layers`` are block indices (negative counts from the end).
 
-    ``dtype`` is the storage type (the forward runs in float32). ``seed`` shuffles the example
+    ``dtype`` is the storage type (the forward runs in float32; its output is rounded to
+    ``dtype`` on the model's device). ``seed`` shuffles the example
     order (None keeps source order) before the first ``limit`` examples are taken.
     ``shard_images`` must be a multiple of ``batch_size`` so batches never cross shards.
     """
@@ -78,16 +79,14 @@ class ExtractConfig:
 def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned: int) -> dict:
     """The store metadata fixed before any image is processed (compared on resume).
 
-    Every setting appears once. Local model and data paths are recorded resolved, so the same
-    folder named differently (``DIR/``, a relative path from another directory) resumes the store.
+    Every setting appears once. Local model and data paths are recorded resolved (a backbone
+    loaded from a folder is named by its resolved path), so the same folder named differently
+    (``DIR/``, a relative path from another directory) resumes the store.
     ``out``, ``device`` and ``num_workers`` do not change the planned bytes and are not recorded.
     """
     layers = [backbone.resolve_layer(layer) for layer in cfg.layers]
     if len(set(layers)) != len(layers):
         raise ConfigError(f"layers {list(cfg.layers)} name the same block twice ({layers})")
-    identity = backbone.identity()
-    if identity["folder_hash"] is not None:
-        identity["name"] = resolve_local(identity["name"])
     data = dataclasses.replace(
         cfg.data,
         source=resolve_local(cfg.data.source),
@@ -95,7 +94,7 @@ def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned
     )
     return {
         "format_version": FORMAT_VERSION,
-        "backbone": {**identity, "n_layers": backbone.n_layers},
+        "backbone": {**backbone.identity(), "n_layers": backbone.n_layers},
         "layers": layers,
         "layers_requested": list(cfg.layers),
         "token_layout": backbone.token_layout.to_dict(),
@@ -116,7 +115,7 @@ def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned
 def _print_bad(bad: list[BadRecord], out: Path) -> None:
     if not bad:
         return
-    print(f"skipped {len(bad)} bad image(s) (listed in {out / 'bad_images.json'}):")
+    print(f"skipped {len(bad)} bad image(s) (listed in {out / BAD_IMAGES}):")
     for record in bad[:20]:
         print(f"  {record.where}: {record.reason}")
     if len(bad) > 20:
@@ -128,7 +127,8 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
 
     ``timings``, when given, receives seconds spent: ``total``; ``setup`` (opening the images,
     loading the backbone, checking the folder); ``loop`` (the shards), split into ``forward``
-    (model forward and copy of the activations to CPU), ``write`` (shard files) and ``load``
+    (model forward, conversion of the activations to the storage dtype on the model's device,
+    copy to CPU), ``write`` (shard files) and ``load``
     (waiting for decoded, preprocessed batches); ``finalize`` (index files and metadata).
     """
     t_start = time.perf_counter()
@@ -218,10 +218,10 @@ def _extract_shard(
         if len(batch.example_ids):
             with torch.inference_mode():
                 acts = backbone.encode_layers(batch.pixel_values, layers)
-                acts = {layer: a.float().cpu() for layer, a in acts.items()}
+                stored = {layer: to_storage(a, cfg.dtype) for layer, a in acts.items()}
             t_forward = time.perf_counter()
             clock["forward"] += t_forward - t_loaded
-            shard.append(acts)
+            shard.append(stored)
             clock["write"] += time.perf_counter() - t_forward
         kept_ids.append(batch.example_ids)
         kept_labels.append(batch.labels)

@@ -6,8 +6,9 @@ siglip. See ``docs/backbones.md``.
 
 from .core import Backbone, ImagePreprocessor
 from .errors import BackboneError
+from .hashing import folder_hash
 from .layout import TokenLayout
-from .loading import DEFAULT_BACKBONE, backbone_from_hf, folder_hash, load_backbone
+from .loading import DEFAULT_BACKBONE, backbone_from_hf, load_backbone
 
 __all__ = [
     "DEFAULT_BACKBONE",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from patchsae.pixels import to_rgb
 
 from .errors import BackboneError
-from .families import Parts, parts_for
+from .families import Parts, l2_normalize, parts_for
+from .hashing import folder_hash
 from .layout import TokenLayout
 
 
@@ -78,9 +80,11 @@ def layout_for(parts: Parts, size_hw: tuple[int, int]) -> TokenLayout:
 class Backbone:
     """One interface over HF vision transformers (families clip, dinov2, vit, siglip).
 
-    Attributes: ``family``, ``name``, ``n_layers`` (blocks), ``d_model``, ``token_layout`` (for
-    the processor's output size), ``device``, ``dtype``, ``model`` (the HF model, in eval mode),
-    ``image_processor``, ``tokenizer`` (clip, or None), ``preprocessor`` (picklable callable).
+    Attributes: ``family``, ``name`` (the hub id, a local folder's resolved absolute path, or the
+    name given to :func:`backbone_from_hf`), ``n_layers`` (blocks), ``d_model``,
+    ``token_layout`` (for the processor's output size), ``device``, ``dtype``, ``model`` (the HF
+    model, in eval mode), ``image_processor``, ``tokenizer`` (clip, or None), ``preprocessor``
+    (picklable callable).
     """
 
     def __init__(
@@ -91,7 +95,7 @@ class Backbone:
         *,
         name: str,
         revision: str | None = None,
-        folder_hash: str | None = None,
+        folder: Path | None = None,
     ):
         self.model = model.eval()
         self._parts = parts_for(model)
@@ -107,7 +111,8 @@ class Backbone:
         self.preprocessor = ImagePreprocessor(image_processor, size_hw)
         self.token_layout = layout_for(self._parts, size_hw)
         self._revision = revision
-        self._folder_hash = folder_hash
+        self._folder = folder
+        self._folder_hash: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -116,7 +121,12 @@ class Backbone:
         )
 
     def identity(self) -> dict[str, str | None]:
-        """What produced the activations: name, family, hub commit, local folder sha256."""
+        """What produced the activations: name, family, hub commit, local folder sha256.
+
+        The folder hash reads every weight file, so it is computed on the first call only.
+        """
+        if self._folder is not None and self._folder_hash is None:
+            self._folder_hash = folder_hash(self._folder)
         return {
             "name": self.name,
             "family": self.family,
@@ -218,8 +228,7 @@ class Backbone:
             input_ids=tokens["input_ids"].to(self.device),
             attention_mask=tokens["attention_mask"].to(self.device),
         )
-        embeds = out.pooler_output
-        return embeds / embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        return l2_normalize(out.pooler_output)
 
     @property
     def logit_scale(self) -> float:

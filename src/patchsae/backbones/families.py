@@ -24,6 +24,11 @@ def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
+def l2_normalize(x: Tensor) -> Tensor:
+    """``x / ||x||`` over the last dim: sqrt of the sum of squares, no epsilon (as HF CLIP)."""
+    return x / x.pow(2).sum(dim=-1, keepdim=True).sqrt()
+
+
 class Parts:
     """The pieces of one vision tower. Subclasses set the attributes and implement both calls."""
 
@@ -73,8 +78,9 @@ class ClipParts(Parts):
         return self.vision.pre_layrnorm(acts)
 
     def head(self, acts_btd: Tensor) -> Tensor:
-        embeds = self.model.visual_projection(self.vision.post_layernorm(acts_btd[:, 0]))
-        return embeds / embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        return l2_normalize(
+            self.model.visual_projection(self.vision.post_layernorm(acts_btd[:, 0]))
+        )
 
 
 class Dinov2Parts(Parts):
@@ -142,22 +148,32 @@ class SiglipParts(Parts):
         return self.vision.head(self.vision.post_layernorm(acts_btd))
 
 
-PARTS_BY_MODEL_TYPE: dict[str, type[Parts]] = {
-    "clip": ClipParts,
-    "dinov2": Dinov2Parts,
-    "dinov2_with_registers": Dinov2Parts,
-    "vit": VitParts,
-    "siglip": SiglipParts,
-    "siglip_vision_model": SiglipParts,
+SUPPORTED_MODELS: dict[str, tuple[type[Parts], str]] = {
+    "clip": (ClipParts, "CLIPModel"),
+    "dinov2": (Dinov2Parts, "Dinov2Model"),
+    "dinov2_with_registers": (Dinov2Parts, "Dinov2WithRegistersModel"),
+    "vit": (VitParts, "ViTModel"),
+    "siglip": (SiglipParts, "SiglipModel"),
+    "siglip_vision_model": (SiglipParts, "SiglipVisionModel"),
 }
+"""config.json ``model_type`` -> (its Parts adapter, the ``transformers`` class that loads it)."""
+
+
+def supported_model(model_type: object, source: str | None = None) -> tuple[type[Parts], str]:
+    """The :data:`SUPPORTED_MODELS` entry of ``model_type``; :class:`BackboneError` otherwise.
+
+    ``source`` (a folder or hub id), when given, prefixes the message.
+    """
+    if model_type not in SUPPORTED_MODELS:
+        where = f"{source}: " if source is not None else ""
+        raise BackboneError(
+            f"{where}model type {model_type!r} is not supported; supported config.json "
+            f"model_type values: {sorted(SUPPORTED_MODELS)} (families clip, dinov2, vit, siglip)"
+        )
+    return SUPPORTED_MODELS[model_type]
 
 
 def parts_for(model: nn.Module) -> Parts:
     """The family adapter for ``model``, chosen by ``model.config.model_type``."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in PARTS_BY_MODEL_TYPE:
-        raise BackboneError(
-            f"model type {model_type!r} is not supported; supported config.json model_type "
-            f"values: {sorted(PARTS_BY_MODEL_TYPE)} (families clip, dinov2, vit, siglip)"
-        )
-    return PARTS_BY_MODEL_TYPE[model_type](model)
+    parts_cls, _ = supported_model(getattr(model.config, "model_type", None))
+    return parts_cls(model)

@@ -2,54 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from patchsae.config import check_local_folder
+
 from .core import Backbone
 from .errors import BackboneError
-from .families import PARTS_BY_MODEL_TYPE
+from .families import supported_model
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-_CHUNK = 1 << 22
-
-
-def _model_class(model_type: str) -> type[nn.Module]:
-    import transformers
-
-    names = {
-        "clip": "CLIPModel",
-        "dinov2": "Dinov2Model",
-        "dinov2_with_registers": "Dinov2WithRegistersModel",
-        "vit": "ViTModel",
-        "siglip": "SiglipModel",
-        "siglip_vision_model": "SiglipVisionModel",
-    }
-    return getattr(transformers, names[model_type])
-
-
-def folder_hash(folder: str | Path) -> str:
-    """sha256 over ``config.json`` and the weight files of ``folder``, in name order.
-
-    Each file contributes its name, a NUL byte, its size and its bytes (read in 4 MiB chunks),
-    so renaming, truncating or editing any of them changes the hash; other files do not count.
-    """
-    folder = Path(folder)
-    files = [folder / "config.json"] + sorted(
-        p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-    )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hub_revision(repo_id: str) -> str | None:
@@ -64,6 +30,7 @@ def hub_revision(repo_id: str) -> str | None:
 
 
 def _model_type(source: str, is_folder: bool) -> str:
+    """The ``model_type`` in the config of the folder or hub id ``source`` (not checked)."""
     if is_folder:
         config_path = Path(source) / "config.json"
         if not config_path.is_file():
@@ -82,11 +49,6 @@ def _model_type(source: str, is_folder: bool) -> str:
                 f"cannot load {source!r} from the Hugging Face hub or its local cache ({reason}): "
                 "check the name, download it once with network access, or pass a local folder"
             ) from None
-    if model_type not in PARTS_BY_MODEL_TYPE:
-        raise BackboneError(
-            f"{source}: model_type {model_type!r} is not supported; supported config.json "
-            f"model_type values: {sorted(PARTS_BY_MODEL_TYPE)} (families clip, dinov2, vit, siglip)"
-        )
     return model_type
 
 
@@ -135,20 +97,21 @@ def load_backbone(
     """
     device = check_device(device)
     source = str(name_or_path)
-    path = Path(source).expanduser()
-    is_folder = path.is_dir()
-    if path.exists() and not is_folder:
-        raise BackboneError(f"{source} is a file, not a model folder: pass its folder or a hub id")
-    if not is_folder and source.startswith(("/", ".", "~")):
-        raise BackboneError(f"folder {source} does not exist: check the path")
+    folder = check_local_folder(
+        source, BackboneError, kind="model folder", fix="pass its folder or a hub id"
+    )
+    is_folder = folder is not None
     if is_folder:
-        source = str(path)
+        folder = folder.resolve()
+        source = str(folder)
     model_type = _model_type(source, is_folder)
+    _, class_name = supported_model(model_type, source)
 
+    import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        model, info = _model_class(model_type).from_pretrained(
+        model, info = getattr(transformers, class_name).from_pretrained(
             source, dtype=dtype, local_files_only=is_folder, output_loading_info=True
         )
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=is_folder)
@@ -180,7 +143,7 @@ def load_backbone(
         text_tokenizer,
         name=source,
         revision=None if is_folder else hub_revision(source),
-        folder_hash=folder_hash(source) if is_folder else None,
+        folder=folder,
     )
 
 

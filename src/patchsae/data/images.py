@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from patchsae.atomic import write_json
+from patchsae.config import check_local_folder
 from patchsae.pixels import BadImage, to_rgb
 
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -255,8 +256,7 @@ class FolderSource(ImageSource):
     def describe(self, i: int) -> str:
         return str(self.root / self.paths[i])
 
-    def _raw(self, i: int) -> str:
-        return str(self.root / self.paths[i])
+    _raw = describe  # the undecoded example is its file path
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -380,27 +380,14 @@ class HFSource(ImageSource):
         raise BadImage(f"image column holds {type(value).__name__}, not an image, bytes or path")
 
 
-def _check_local_path(source: str) -> None:
-    """Refuse a source that names a local path but is not a folder (not a dataset name)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return
-    if path.exists():
-        raise DataError(
-            f"{source} is a file, not a folder: pass the image folder (or dataset folder) "
-            "that holds it"
-        )
-    if source.startswith(("/", ".", "~")):
-        raise DataError(f"folder {source} does not exist: check the path")
-
-
 def open_images(cfg: DataConfig) -> ImageSource:
     """Open the images described by ``cfg`` (see :class:`DataConfig` for how ``kind`` is chosen)."""
-    _check_local_path(cfg.source)
+    folder = check_local_folder(
+        cfg.source, DataError, fix="pass the image folder (or dataset folder) that holds it"
+    )
     kind = cfg.kind
     if kind == "auto":
-        path = Path(cfg.source).expanduser()
-        kind = "imagefolder" if path.is_dir() and not _is_saved_dataset(path) else "hf"
+        kind = "imagefolder" if folder is not None and not _is_saved_dataset(folder) else "hf"
     return FolderSource(cfg) if kind == "imagefolder" else HFSource(cfg)
 
 

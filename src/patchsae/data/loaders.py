@@ -24,6 +24,17 @@ def _check_seed(name: str, seed: int | None) -> None:
         raise StoreError(f"{name} must be a non-negative integer or None, got {seed!r}")
 
 
+def _check_stream(batch_size: int, start_batch: int, epochs: int | None) -> None:
+    """Refuse a batch size below 1, a negative start batch or an ``epochs`` below 1."""
+    if batch_size < 1 or start_batch < 0:
+        raise StoreError(
+            f"batch_size must be >= 1 and start_batch >= 0, got batch_size={batch_size}, "
+            f"start_batch={start_batch}"
+        )
+    if epochs is not None and epochs < 1:
+        raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
+
+
 def _image_range(store: ActivationStore, start: int, stop: int | None) -> tuple[int, int]:
     stop = len(store) if stop is None else stop
     if not 0 <= start < stop <= len(store):
@@ -65,10 +76,9 @@ def token_batches(
     refused (it would yield nothing).
     """
     _check_seed("seed", seed)
-    if batch_size < 1 or window_images < 1 or start_batch < 0:
-        raise StoreError("batch_size and window_images must be >= 1 and start_batch >= 0")
-    if epochs is not None and epochs < 1:
-        raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
+    _check_stream(batch_size, start_batch, epochs)
+    if window_images < 1:
+        raise StoreError(f"window_images must be >= 1, got {window_images}")
     start, stop = _image_range(store, start, stop)
     layer = store.resolve_layer(layer)
     token_sel = store.token_layout.positions(tokens)
@@ -129,10 +139,7 @@ def image_batches_from_store(
     With a finite ``epochs`` the last batch holds the remaining images and may be smaller.
     """
     _check_seed("shuffle_seed", shuffle_seed)
-    if batch_size < 1 or start_batch < 0:
-        raise StoreError("batch_size must be >= 1 and start_batch >= 0")
-    if epochs is not None and epochs < 1:
-        raise StoreError(f"epochs must be >= 1 or None, got {epochs}")
+    _check_stream(batch_size, start_batch, epochs)
     start, stop = _image_range(store, start, stop)
     layer = store.resolve_layer(layer)
     n_images = stop - start

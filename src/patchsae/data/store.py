@@ -56,6 +56,16 @@ def shard_name(k: int) -> str:
     return f"{k:05d}"
 
 
+def entry_path(root: Path, k: int) -> Path:
+    """``root/shards/<k>.json``: the entry of shard ``k``."""
+    return root / SHARD_DIR / f"{shard_name(k)}.json"
+
+
+def shard_path(root: Path, layer: int, k: int) -> Path:
+    """``root/layer_<layer>/<k>.npy``: the (n_k, T, D) activations of shard ``k`` at ``layer``."""
+    return root / layer_dir(layer) / f"{shard_name(k)}.npy"
+
+
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
     """``acts`` (any shape, any float dtype/device) as a CPU array in the storage ``dtype``.
 
@@ -106,32 +116,40 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def shard_problem(root: Path, k: int, layers: Sequence[int]) -> str | None:
-    """Why shard ``k`` of the store ``root`` is not complete on disk, or None when it is.
+def _complete_entry(
+    root: Path, k: int, layers: Sequence[int]
+) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """``(entry, None)`` when shard ``k`` of the store ``root`` is complete on disk, else
+    ``(None, why)``.
 
     Complete: its entry JSON is readable and lists exactly ``layers``, each file existing with
     the recorded size.
     """
-    entry_path = root / SHARD_DIR / f"{shard_name(k)}.json"
-    if not entry_path.is_file():
-        return f"shard entry {entry_path.relative_to(root)} is missing"
+    path = entry_path(root, k)
+    if not path.is_file():
+        return None, f"shard entry {path.relative_to(root)} is missing"
     try:
-        entry = json.loads(entry_path.read_text())
+        entry = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return f"shard entry {entry_path.relative_to(root)} is corrupt"
+        return None, f"shard entry {path.relative_to(root)} is corrupt"
     files = entry.get("files", {})
     if sorted(files) != sorted(str(layer) for layer in layers):
-        return f"shard entry {entry_path.relative_to(root)} lists layers {sorted(files)}"
+        return None, f"shard entry {path.relative_to(root)} lists layers {sorted(files)}"
     for info in files.values():
-        path = root / info["path"]
-        if not path.is_file():
-            return f"shard file {info['path']} is missing"
-        if path.stat().st_size != info["bytes"]:
-            return (
-                f"shard file {info['path']} has {path.stat().st_size} bytes, "
+        file = root / info["path"]
+        if not file.is_file():
+            return None, f"shard file {info['path']} is missing"
+        if file.stat().st_size != info["bytes"]:
+            return None, (
+                f"shard file {info['path']} has {file.stat().st_size} bytes, "
                 f"{info['bytes']} expected"
             )
-    return None
+    return entry, None
+
+
+def shard_problem(root: Path, k: int, layers: Sequence[int]) -> str | None:
+    """Why shard ``k`` of the store ``root`` is not complete on disk, or None when it is."""
+    return _complete_entry(root, k, layers)[1]
 
 
 class ShardWriter:
@@ -156,7 +174,7 @@ class ShardWriter:
         self.n_rows = 0
         self.arrays: dict[int, np.ndarray] = {}
         for layer in layers:
-            path = self._path(layer)
+            path = shard_path(self.root, layer, self.index)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._rows_tmp(path)
             shape = (n_planned, n_tokens, d_model)
@@ -164,28 +182,35 @@ class ShardWriter:
                 tmp, mode="w+", dtype=DTYPES[dtype], shape=shape
             )
 
-    def _path(self, layer: int) -> Path:
-        return self.root / layer_dir(layer) / f"{shard_name(self.index)}.npy"
-
     @staticmethod
     def _rows_tmp(path: Path) -> Path:
         return path.with_name(path.name + ".rows" + TMP_SUFFIX)
 
-    def append(self, acts: dict[int, torch.Tensor]) -> None:
-        """Append a batch: ``acts[layer]`` is (b, T, D) for every layer of the shard."""
-        sizes = {int(a.shape[0]) for a in acts.values()}
-        if len(sizes) != 1 or set(acts) != set(self.arrays):
+    def append(self, values: dict[int, np.ndarray]) -> None:
+        """Append a batch: ``values[layer]`` is (b, T, D) for every layer of the shard, already in
+        the storage dtype (as :func:`to_storage` returns it), so it is copied without conversion.
+        """
+        arrays = {layer: np.asarray(v) for layer, v in values.items()}
+        sizes = {int(a.shape[0]) for a in arrays.values()}
+        if len(sizes) != 1 or set(arrays) != set(self.arrays):
             raise StoreError(f"shard batch must hold the layers {sorted(self.arrays)} of one size")
+        expected = DTYPES[self.dtype]
+        wrong = sorted(str(a.dtype) for a in arrays.values() if a.dtype != expected)
+        if wrong:
+            raise StoreError(
+                f"shard batch holds {wrong[0]} values, a {self.dtype} store takes {expected}: "
+                f"convert them with to_storage(acts, {self.dtype!r})"
+            )
         b = sizes.pop()
-        for layer, values in acts.items():
-            self.arrays[layer][self.n_rows : self.n_rows + b] = to_storage(values, self.dtype)
+        for layer, array in arrays.items():
+            self.arrays[layer][self.n_rows : self.n_rows + b] = array
         self.n_rows += b
 
     def commit(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Move the shard's files into place, then write its entry; returns the entry written."""
         files = {}
         for layer, array in self.arrays.items():
-            path = self._path(layer)
+            path = shard_path(self.root, layer, self.index)
             tmp = self._rows_tmp(path)
             if self.n_rows == array.shape[0]:
                 array.flush()
@@ -201,9 +226,9 @@ class ShardWriter:
             }
         self.arrays = {}
         entry = {**entry, "shard": self.index, "n_images": self.n_rows, "files": files}
-        entry_path = self.root / SHARD_DIR / f"{shard_name(self.index)}.json"
-        entry_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(entry_path, entry, indent=1)
+        path = entry_path(self.root, self.index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, entry, indent=1)
         return entry
 
 
@@ -310,9 +335,7 @@ class StoreWriter:
 
     def shard_entry(self, k: int) -> dict[str, Any] | None:
         """The entry of shard ``k`` if the shard is complete on disk (files exist, sizes match)."""
-        if shard_problem(self.root, k, self.plan["layers"]) is not None:
-            return None
-        return json.loads((self.root / SHARD_DIR / f"{shard_name(k)}.json").read_text())
+        return _complete_entry(self.root, k, self.plan["layers"])[0]
 
     def shard(self, k: int, n_planned: int) -> ShardWriter:
         """A writer for shard ``k`` sized for ``n_planned`` images."""
@@ -416,7 +439,7 @@ class ActivationStore:
     def _map(self, layer: int, k: int) -> np.ndarray:
         key = (layer, k)
         if key not in self._maps:
-            path = self.root / layer_dir(layer) / f"{shard_name(k)}.npy"
+            path = shard_path(self.root, layer, k)
             self._maps[key] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._maps[key]
 
