@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +26,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from patchsae.backbones import backbone_from_hf
 from patchsae.data.images import DataConfig
 from patchsae.extract import ExtractConfig, extract
+from timing import interleaved_times, medians
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "clip-tokenizer"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 N_BLOCKS = 12
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[torch.Tensor], object]], pixels: torch.Tensor, repeats: int
-) -> dict[str, float]:
-    """Median seconds per call of each ``fn(pixels)``; rounds alternate the functions so that a
-    change in machine load affects all of them alike. One warm-up call each on 2 images."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn(pixels[:2])
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn(pixels)
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def prompt_ids(n_prompts: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -92,15 +73,20 @@ def main() -> None:
     pixels = torch.randn(bs, 3, 224, 224)
     text = prompt_ids(len(CLASSES), config.text_config.vocab_size)
 
-    seconds = interleaved_medians(
-        {
-            "full": lambda x: model(pixel_values=x, **text),
-            "block10": lambda x: backbone.encode(x, 10),
-            "block5": lambda x: backbone.encode(x, 5),
-        },
-        pixels,
-        args.repeats,
-    )
+    fns = {
+        "full": lambda x: model(pixel_values=x, **text),
+        "block10": lambda x: backbone.encode(x, 10),
+        "block5": lambda x: backbone.encode(x, 5),
+    }
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(pixels[:2])  # warm-up on 2 images
+        times = interleaved_times(
+            {name: lambda fn=fn: fn(pixels) for name, fn in fns.items()},
+            args.repeats,
+            warmup=False,
+        )
+    seconds = medians(times)
     full_s = seconds["full"]
     rows = [("full CLIPModel forward (+ text)", full_s, 1.0, None)]
     result: dict[str, float | str] = {"bench": "extract"}

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from timing import interleaved_times, medians
 
 try:
     from sae_lens.saes.sae import TrainStepInput
@@ -66,24 +67,6 @@ def copy_weights(src: SAE, dst: torch.nn.Module) -> None:
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(dst, name).copy_(getattr(src, name))
-
-
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def compare(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` rounds after one warm-up call; each round
-    runs every function once, so the functions of one round see the same machine load."""
-    for fn in steps.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            times[name].append(timed(fn))
-    return times
 
 
 def ratio(num: list[float], den: list[float]) -> float:
@@ -151,8 +134,8 @@ def main() -> None:
         }
         if not sparse:
             steps["gemm"] = dense_gemms(x, ours)
-        t = compare(steps, args.repeats)
-        med = {name: statistics.median(ts) for name, ts in t.items()}
+        t = interleaved_times(steps, args.repeats)
+        med = medians(t)
         rows.append((f"{regime} ours (L0 {l0:.0f})", med["ours"], med["saelens"]))
         figures[f"{regime}_vs_saelens"] = ratio(t["saelens"], t["ours"])
         if sparse:
@@ -166,14 +149,14 @@ def main() -> None:
     ours = make_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=K))
     theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
     copy_weights(ours, theirs)
-    t = compare(
+    t = interleaved_times(
         {
             "ours": ours_step(ours, adam(ours), x),
             "saelens": saelens_step(theirs, adam(theirs), x, {}),
         },
         args.repeats,
     )
-    med = {name: statistics.median(ts) for name, ts in t.items()}
+    med = medians(t)
     rows.append((f"topk k={K} ours", med["ours"], med["saelens"]))
     figures["topk_vs_saelens"] = ratio(t["saelens"], t["ours"])
     figures["tokens_per_s_topk"] = TOKENS / med["ours"]

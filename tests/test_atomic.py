@@ -75,3 +75,11 @@ def test_text_is_utf8_whatever_the_locale(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
     assert path.read_bytes() == "\u03a9 \u00fc \u2713".encode()
     assert json.loads(path.with_suffix(".txt.json").read_bytes()) == {"name": "\u03a9"}
+
+
+def test_json_ready_turns_nan_and_infinities_into_null() -> None:
+    from patchsae.atomic import json_ready
+
+    value = {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": 3}}
+    text = json.dumps(json_ready(value), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": 3}}

@@ -21,11 +21,13 @@ from patchsae.cli import main
 from patchsae.config import ConfigError, from_dict, load_config, to_dict
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore, StoreWriter
+from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.geometric_median import init_b_dec
+from patchsae.sae.io import load
 from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
 from patchsae.sae.registry import make_sae
-from patchsae.train import TrainConfig, train
+from patchsae.train import TrainConfig, ddp, train, trainer
 from patchsae.train.checkpoint import write_checkpoint
 from patchsae.train.sources import open_source
 from patchsae.train.trainer import TrainingError, _check_compatible, lr_at
@@ -279,7 +281,7 @@ def poisoned_store(root: Path, store: Path, step: int) -> Path:
 def test_nan_activation_stops_and_keeps_the_last_checkpoint(store: Path, tmp_path: Path) -> None:
     bad = poisoned_store(tmp_path / "bad", store, step=3)
     cfg = config(bad, tmp_path / "run", checkpoint_every=1, total_images=20)
-    with pytest.raises(TrainingError, match="step 3"):
+    with pytest.raises(TrainingError, match="non-finite activations in the batch of step 3"):
         train(cfg)
     ckpt = tmp_path / "run" / "checkpoint"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
@@ -448,3 +450,102 @@ def test_batchtopk_is_refused_under_ddp(store: Path, tmp_path: Path) -> None:
             _check_compatible(cfg, source, world_size=2)
     topk = config(store, tmp_path / "c", sweep=[{}, {"arch": "topk", "k": 4}])
     _check_compatible(topk, open_source(topk, torch.device("cpu")), world_size=2)
+
+
+def test_a_step_makes_one_stats_and_one_fire_count_collective_per_sae(
+    store: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls = []
+    real = ddp.all_reduce_sum_
+
+    def spy(t: torch.Tensor, d: ddp.Dist) -> torch.Tensor:
+        calls.append((t.device == d.device, t.dtype, tuple(t.shape)))
+        return real(t, d)
+
+    monkeypatch.setattr(ddp, "all_reduce_sum_", spy)
+    sweep = [{}, {"arch": "topk", "k": 4, "aux_k": 8}]
+    train(config(store, tmp_path / "run", total_images=12, sweep=sweep))
+    assert all(on_device for on_device, _, _ in calls)
+    relu_stats = (True, torch.float64, (7,))  # loss, ghost, l1, mse, total, fires, dead
+    topk_stats = (True, torch.float64, (6,))  # loss, aux, mse, total, fires, dead
+    fire = (True, torch.int64, (32,))
+    assert calls == [relu_stats, fire, topk_stats, fire] * 3
+
+
+def test_collectives_refuse_a_tensor_off_the_rank_device() -> None:
+    d = ddp.Dist(0, 2, torch.device("meta"))
+    with pytest.raises(ValueError, match="on cpu but this rank runs on meta"):
+        ddp.all_reduce_sum_(torch.zeros(1), d)
+    with pytest.raises(ValueError, match="create it on Dist.device"):
+        ddp.broadcast_(torch.zeros(1), d)
+
+
+def test_only_rank_zero_evaluates(store: Path, tmp_path: Path, monkeypatch) -> None:
+    scored = []
+
+    def fake_metrics(*args, **kwargs) -> dict[str, float]:
+        scored.append(args[0])
+        return {"fvu": 0.5}
+
+    monkeypatch.setattr(trainer, "reconstruction_metrics", fake_metrics)
+    for name in ("all_reduce_sum_", "broadcast_"):
+        monkeypatch.setattr(ddp, name, lambda t, d: t)
+    monkeypatch.setattr(ddp, "average_gradients_", lambda module, d: None)
+    monkeypatch.setattr(ddp, "barrier", lambda d: None)
+    settings = {"total_images": 8, "eval_images": 4, "eval_every": 1}
+    trainer._train(
+        config(store, tmp_path / "r1", **settings), False, ddp.Dist(1, 2, torch.device("cpu"))
+    )
+    assert scored == []
+    trainer._train(
+        config(store, tmp_path / "r0", **settings), False, ddp.Dist(0, 1, torch.device("cpu"))
+    )
+    assert len(scored) == 3
+
+
+def test_evaluation_reads_the_held_out_images_once_for_all_saes(
+    store: Path, tmp_path: Path, monkeypatch
+) -> None:
+    reads = []
+
+    def counting_source(cfg: TrainConfig, device: torch.device):
+        source = open_source(cfg, device)
+        read = source.eval_batches
+
+        def eval_batches():
+            reads.append(1)
+            return read()
+
+        source.eval_batches = eval_batches
+        return source
+
+    monkeypatch.setattr(trainer, "open_source", counting_source)
+    sweep = [{}, {"l1_coefficient": 1e-2}, {"arch": "topk", "k": 4, "aux_k": 8}]
+    settings = {"total_images": 8, "eval_images": 4, "eval_every": 1, "sweep": sweep}
+    cfg = config(store, tmp_path / "run", **settings)
+    out = train(cfg)
+    assert len(reads) == 3  # steps 0, 1, 2
+    held_out = open_source(cfg, torch.device("cpu"))
+    for member in ("sae-00", "sae-01", "sae-02"):
+        final = metrics(out / member)[-1]
+        direct = reconstruction_metrics(
+            load(out / member), held_out.eval_batches(), held_out.eval_layout, progress=False
+        )
+        assert final["eval/fvu"] == direct["fvu"] and final["eval/l0"] == direct["l0"]
+
+
+def test_nan_metrics_are_written_as_null(tmp_path: Path) -> None:
+    acts = tiny_acts()
+    acts[-4:] = 0.7  # constant held-out images: zero variance, so fvu is NaN
+    flat = make_store(tmp_path / "flat", acts)
+    out = train(config(flat, tmp_path / "run", total_images=8, eval_images=4, eval_every=2))
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    evals = [r for r in rows if "eval/fvu" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(r["eval/fvu"] is None and r["eval/explained_variance"] is None for r in evals)
+    assert all(isinstance(r["eval/cosine"], float) for r in evals)

@@ -19,7 +19,9 @@ from patchsae.data.images import DataConfig, image_batches, open_images, shuffle
 from patchsae.data.store import StoreWriter
 from patchsae.extract import ExtractConfig, extract
 from patchsae.metrics.fidelity import downstream_fidelity
+from patchsae.sae.config import SAEConfig
 from patchsae.sae.io import load
+from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
 from patchsae.train.config import FidelityConfig
 from tiny_models import tiny_clip
@@ -173,3 +175,75 @@ def test_fidelity_config_validation(images: Path) -> None:
         from_dict(FidelityConfig, {**fidelity_dict(images), "templates": ["a photo"]})
     with pytest.raises(ConfigError, match="limit"):
         from_dict(FidelityConfig, {**fidelity_dict(images), "limit": 0})
+
+
+def test_scorer_encodes_prompts_once_and_scores_only_the_splice_after_the_first_call(
+    clip_dir: Path, images: Path, monkeypatch
+) -> None:
+    cfg = from_dict(FidelityConfig, fidelity_dict(images))
+    scorer = patchsae.metrics.FidelityScorer(cfg, 0, model=str(clip_dir))
+    backbone = scorer.backbone
+    texts, forwards = [], []
+    encode_text, forward_from = backbone.encode_text, backbone.forward_from
+
+    def counting_text(prompts):
+        texts.append(list(prompts))
+        return encode_text(prompts)
+
+    def counting_forward(acts, layer):
+        forwards.append(acts.abs().sum().item() == 0)
+        return forward_from(acts, layer)
+
+    monkeypatch.setattr(backbone, "encode_text", counting_text)
+    monkeypatch.setattr(backbone, "forward_from", counting_forward)
+    saes = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        saes.append(make_sae(SAEConfig(d_in=64, d_sae=128)))
+    first = scorer(saes[0])
+    assert len(texts) == 1 and len(forwards) == 3 * 3  # 9 images in batches of 4: 3 batches
+    second = scorer(saes[1])
+    assert len(texts) == 1, "the prompts were encoded again"
+    assert len(forwards) == 9 + 3 and not any(forwards[9:]), "only the spliced pass should rerun"
+    assert second["n_bad_images"] == first["n_bad_images"] == 0
+    source = open_images(DataConfig(source=str(images)))
+    order = shuffled_order(len(source), 3)[:9]
+    for sae, got in zip(saes, (first, second), strict=True):
+        batches = (
+            (b.pixel_values, b.labels)
+            for b in image_batches(source, order, backbone.preprocessor, 4)
+        )
+        direct = downstream_fidelity(
+            backbone, sae, 0, batches, list(CLASSES), templates=TEMPLATES, progress=False
+        )
+        assert {k: v for k, v in got.items() if k != "n_bad_images"} == direct
+    assert second["ce_spliced"] != first["ce_spliced"]
+
+
+def test_downstream_fidelity_scores_the_variants_asked(clip_dir: Path, images: Path) -> None:
+    from patchsae.metrics.fidelity import FidelityError, zero_shot_classifier
+
+    backbone = load_backbone(clip_dir, tokenizer=CLIP_TOKENIZER)
+    source = open_images(DataConfig(source=str(images)))
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=64, d_sae=128))
+    text = zero_shot_classifier(backbone, list(CLASSES), TEMPLATES)
+
+    def run(**kwargs) -> dict:
+        batches = (
+            (b.pixel_values, b.labels)
+            for b in image_batches(source, np.arange(8), backbone.preprocessor, 4)
+        )
+        return downstream_fidelity(
+            backbone, sae, 0, batches, list(CLASSES), templates=TEMPLATES, progress=False, **kwargs
+        )
+
+    full = run()
+    only = run(text_embeddings=text, variants=("spliced",))
+    assert only == {
+        "ce_spliced": full["ce_spliced"],
+        "acc_spliced": full["acc_spliced"],
+        "n_images": 8,
+    }
+    with pytest.raises(FidelityError, match="variants"):
+        run(variants=("spliced", "nope"))

@@ -8,6 +8,7 @@ Written files get the permissions a plain ``open()`` gives (``0o666 & ~umask``);
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -80,6 +81,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_file(path, "w") as f:
         f.write(text)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists, tuples) made None, so
+    that ``json.dumps`` writes strict JSON (null) instead of the invalid ``NaN``/``Infinity``."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:

@@ -6,7 +6,6 @@ The slice is the last ``images`` images of the store, the same held-out tail tha
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +78,9 @@ def evaluate(
     return result
 
 
-def _json_ready(value: Any) -> Any:
-    """NaN and infinities become null (strict JSON)."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write ``result`` to ``path`` atomically (temporary file, then rename)."""
-    atomic.write_json(path, _json_ready(result))
+    """Write ``result`` to ``path`` atomically (temporary file, then rename); NaN becomes null."""
+    atomic.write_json(path, atomic.json_ready(result))
 
 
 def format_table(result: dict[str, Any]) -> str:

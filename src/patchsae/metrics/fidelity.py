@@ -13,6 +13,7 @@ order (``patchsae evaluate`` and the trainer's evaluations both use it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,18 @@ def _labels_tensor(labels: torch.Tensor | np.ndarray, n_classes: int, batch: int
     return labels_b
 
 
+def _summary(means: dict[str, float], n_images: int) -> dict[str, float]:
+    """``ce_*`` then ``acc_*`` of the variants in ``means`` (in ``VARIANTS`` order), then
+    ``fraction_recovered`` (when all three are there; NaN when CE_zero == CE_orig), ``n_images``."""
+    keys = [f"{m}_{v}" for m in ("ce", "acc") for v in VARIANTS]
+    out = {k: means[k] for k in keys if k in means}
+    if all(f"ce_{v}" in means for v in VARIANTS):
+        gap = out["ce_zero"] - out["ce_original"]
+        out["fraction_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap else math.nan
+    out["n_images"] = n_images
+    return out
+
+
 @torch.no_grad()
 def downstream_fidelity(
     backbone: Backbone,
@@ -102,13 +115,19 @@ def downstream_fidelity(
     *,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     progress: bool = True,
+    text_embeddings: torch.Tensor | None = None,
+    variants: Sequence[str] = VARIANTS,
 ) -> dict[str, float]:
     """Zero-shot cross-entropy and accuracy with original, SAE-spliced and zero-ablated activations.
 
     batches: (pixel_values (B, 3, H, W), labels (B,)) with labels indexing ``class_names``.
+    text_embeddings: (n_classes, proj_dim), ``zero_shot_classifier(backbone, class_names,
+    templates)`` computed once by a caller that scores several SAEs (None: computed here).
+    variants: which of ``VARIANTS`` to score ("original" and "zero" do not depend on the SAE).
     The SAE is moved to the backbone's device and run in eval mode (its mode is restored).
-    Returns ``ce_{original,spliced,zero}``, ``acc_{original,spliced,zero}`` (means over images),
-    ``fraction_recovered`` (NaN when CE_zero == CE_orig) and ``n_images``.
+    Returns ``ce_<variant>``, ``acc_<variant>`` (means over images) of each variant scored,
+    ``fraction_recovered`` (when all three are scored; NaN when CE_zero == CE_orig) and
+    ``n_images``.
     """
     if backbone.family != "clip":
         raise FidelityError(
@@ -120,14 +139,24 @@ def downstream_fidelity(
             f"the SAE has d_in={sae.cfg.d_in} but {backbone.name!r} has d_model="
             f"{backbone.d_model}: use an SAE trained on this backbone"
         )
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise FidelityError(f"variants must be a non-empty subset of {VARIANTS}, got {variants}")
+    scored = [v for v in VARIANTS if v in variants]
     layer = backbone.resolve_layer(layer)
-    text_cp = zero_shot_classifier(backbone, class_names, templates).to(backbone.device)
+    if text_embeddings is None:
+        text_embeddings = zero_shot_classifier(backbone, class_names, templates)
+    text_cp = text_embeddings.to(backbone.device)
+    if text_cp.shape[0] != len(class_names):
+        raise FidelityError(
+            f"text_embeddings has {text_cp.shape[0]} rows for {len(class_names)} class names: "
+            "build it with zero_shot_classifier on the same class names"
+        )
     scale = float(backbone.logit_scale)
     was_training = sae.training
     sae.to(backbone.device).eval()
-    sae_dtype = next(sae.parameters()).dtype
-    ce = dict.fromkeys(VARIANTS, 0.0)
-    correct = dict.fromkeys(VARIANTS, 0)
+    ce = dict.fromkeys(scored, 0.0)
+    correct = dict.fromkeys(scored, 0)
     n_images = 0
     try:
         for pixel_values, labels in tqdm(batches, desc="fidelity", disable=not progress):
@@ -137,13 +166,13 @@ def downstream_fidelity(
             labels_b = labels_b.to(backbone.device)
             pixels = pixel_values.to(device=backbone.device, dtype=backbone.dtype)
             acts_btd = backbone.encode(pixels, layer)
-            spliced_btd = sae.decode(sae.encode(acts_btd.to(sae_dtype))).to(acts_btd.dtype)
-            inputs = {
-                "original": acts_btd,
-                "spliced": spliced_btd,
-                "zero": torch.zeros_like(acts_btd),
-            }
-            for variant, acts in inputs.items():
+            for variant in scored:
+                if variant == "original":
+                    acts = acts_btd
+                elif variant == "spliced":
+                    acts = sae.decode(sae.encode(acts_btd.to(sae.dtype))).to(acts_btd.dtype)
+                else:
+                    acts = torch.zeros_like(acts_btd)
                 image_bp = backbone.forward_from(acts, layer).float()
                 logits_bc = (scale * image_bp @ text_cp.T).double()
                 ce[variant] += F.cross_entropy(logits_bc, labels_b, reduction="sum").item()
@@ -153,12 +182,9 @@ def downstream_fidelity(
         sae.train(was_training)
     if n_images == 0:
         raise FidelityError("no labelled images to score: the image slice is empty")
-    out = {f"ce_{v}": ce[v] / n_images for v in VARIANTS}
-    out.update({f"acc_{v}": correct[v] / n_images for v in VARIANTS})
-    gap = out["ce_zero"] - out["ce_original"]
-    out["fraction_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap else float("nan")
-    out["n_images"] = n_images
-    return out
+    means = {f"ce_{v}": ce[v] / n_images for v in scored}
+    means.update({f"acc_{v}": correct[v] / n_images for v in scored})
+    return _summary(means, n_images)
 
 
 def labelled_batches(
@@ -224,6 +250,8 @@ class FidelityScorer:
         device: str | torch.device = "cpu",
     ) -> None:
         self.cfg, self.layer, self.device = cfg, layer, device
+        self._text: torch.Tensor | None = None
+        self._fixed: dict[str, float] | None = None
         self.d_model = store.d_model if store is not None else None
         named = store.metadata.get("backbone", {}) if store is not None else {}
         self._backbone = backbone if cfg.tokenizer is None else None
@@ -272,12 +300,35 @@ class FidelityScorer:
             self._backbone = backbone
         return self._backbone
 
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """(n_classes, proj_dim) zero-shot text embeddings (computed at the first use)."""
+        if self._text is None:
+            self._text = zero_shot_classifier(
+                self.backbone, self.images.class_names, self.cfg.templates
+            )
+        return self._text
+
     def __call__(self, sae: SAE, progress: bool = False) -> dict[str, float]:
         """``ce_*``, ``acc_*`` (original, spliced, zero), ``fraction_recovered``, ``n_images``
         and ``n_bad_images`` (images that could not be decoded, skipped).
 
+        The original and zero-ablated scores depend only on the backbone and the images: they
+        are computed at the first call and reused, so later calls run the spliced variant only.
         The global torch RNG is left as it was.
         """
+        fixed = self._fixed
+        out = self._score(sae, VARIANTS if fixed is None else ("spliced",), progress)
+        if fixed is not None and out["n_images"] != fixed["n_images"]:
+            fixed, out = None, self._score(sae, VARIANTS, progress)
+        if fixed is None:
+            self._fixed = {k: v for k, v in out.items() if k.endswith(("_original", "_zero"))}
+            self._fixed["n_images"] = out["n_images"]
+            return out
+        summary = _summary({**fixed, **out}, out["n_images"])
+        return {**summary, "n_bad_images": out["n_bad_images"]}
+
+    def _score(self, sae: SAE, variants: Sequence[str], progress: bool) -> dict[str, float]:
         bad: list[BadRecord] = []
         batches = image_batches(
             self.images,
@@ -295,6 +346,8 @@ class FidelityScorer:
                 self.images.class_names,
                 templates=self.cfg.templates,
                 progress=progress,
+                text_embeddings=self.text_embeddings,
+                variants=variants,
             )
         out["n_bad_images"] = len(bad)
         return out

@@ -91,7 +91,7 @@ def reconstruction_metrics(
     device = torch.device(device)
     was_training = sae.training
     sae.to(device).eval()
-    dtype = next(sae.parameters()).dtype
+    dtype = sae.dtype
     sums = _Sums()
     fire_counts_m: torch.Tensor | None = None
     nnz_t: torch.Tensor | None = None  # nonzero codes per token position (T,), or in total (1,)
@@ -118,9 +118,10 @@ def reconstruction_metrics(
             x_hat = sae.decode(codes)
             d = x.shape[-1]
             sums.update(x.reshape(-1, d).double(), x_hat.reshape(-1, d).double())
-            fired_m = (codes > 0).reshape(-1, codes.shape[-1]).sum(0, dtype=torch.int64)
+            fired = codes > 0  # codes are >= 0 (every arch rectifies), so also the nonzeros
+            fired_m = fired.reshape(-1, codes.shape[-1]).sum(0, dtype=torch.int64)
             fire_counts_m = fired_m if fire_counts_m is None else fire_counts_m + fired_m
-            nnz = (codes != 0).sum(-1, dtype=torch.int64)
+            nnz = fired.sum(-1, dtype=torch.int64)
             nnz = nnz.sum(0) if token_layout is not None else nnz.sum().reshape(1)
             nnz_t = nnz if nnz_t is None else nnz_t + nnz
     finally:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from patchsae.config import ConfigError
+from patchsae.sae.recipe import MSE_NORMALIZATIONS, MseNormalization
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-MSE_NORMALIZATIONS = ("patchsae", "none")
 INITS = ("patchsae", "tied")
 
 
@@ -28,7 +28,7 @@ class SAEConfig:
     l1_coefficient: float = 8e-5
     use_ghost_grads: bool = True
     mse_cls_coefficient: float = 1.0
-    mse_normalization: Literal["patchsae", "none"] = "patchsae"
+    mse_normalization: MseNormalization = "patchsae"
     normalize_decoder: bool = True
     k: int = 64
     aux_k: int = 512

@@ -75,13 +75,14 @@ def geometric_median(
     point_list = list(points)
     weights = torch.ones(len(point_list), dtype=torch.float32, device=points.device)
     median = _weighted_mean(point_list, weights)
-    objective = _objective(_distances(points, median), weights)
+    distances = _distances(points, median)
+    objective = _objective(distances, weights)
     log = [objective]
     for _ in range(maxiter):
         previous = objective
-        distances = _distances(points, median)
         median = _weighted_mean(point_list, weights / torch.clamp(distances, min=eps))
-        objective = _objective(_distances(points, median), weights)
+        distances = _distances(points, median)
+        objective = _objective(distances, weights)
         log.append(objective)
         if abs(previous - objective) <= ftol * objective:
             break

@@ -28,7 +28,6 @@ class ReluSAE(SAE):
         The decoder and the encoder's weight gradient run sparse when the codes are sparse.
         Terms: mse, l1, ghost, total.
         """
-        self._check_dead_mask(dead_mask)
         pre_nm = kernels.encode_pre(self._flat(x), self.W_enc, self.b_enc, self.b_dec)
         codes_nm, x_hat_nd, fire_counts = kernels.relu_decode(pre_nm, self.W_dec, self.b_dec)
         lead = x.shape[:-1]

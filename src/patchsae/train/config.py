@@ -13,8 +13,7 @@ from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.data.images import DataConfig
 from patchsae.metrics.fidelity import FidelityConfig
 from patchsae.sae.config import SAEConfig
-
-BDecInit = Literal["geometric_median_images", "geometric_median_tokens", "mean", "zeros"]
+from patchsae.sae.geometric_median import InitMethod
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup_steps: int = 500
-    b_dec_init: BDecInit = "geometric_median_images"
+    b_dec_init: InitMethod = "geometric_median_images"
     b_dec_init_maxiter: int = 100
     dead_feature_window: int = 64
     seed: int = 42

@@ -87,9 +87,19 @@ def teardown(d: Dist, clean: bool) -> None:
         dist.destroy_process_group()
 
 
+def _check_device(t: torch.Tensor, d: Dist) -> None:
+    """Collectives take tensors on this rank's device (nccl has no CPU path)."""
+    if t.device != d.device:
+        raise ValueError(
+            f"a collective got a tensor on {t.device} but this rank runs on {d.device}: "
+            "create it on Dist.device"
+        )
+
+
 def all_reduce_sum_(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum ``t`` over ranks in place and return it."""
+    """Sum ``t`` (on ``d.device``) over ranks in place and return it."""
     if d.enabled:
+        _check_device(t, d)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -105,8 +115,9 @@ def average_gradients_(module: nn.Module, d: Dist) -> None:
 
 
 def broadcast_(t: torch.Tensor, d: Dist, src: int = 0) -> torch.Tensor:
-    """Overwrite ``t`` on every rank with rank ``src``'s value and return it."""
+    """Overwrite ``t`` (on ``d.device``) on every rank with rank ``src``'s value and return it."""
     if d.enabled:
+        _check_device(t, d)
         dist.broadcast(t, src=src)
     return t
 

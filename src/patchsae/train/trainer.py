@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from patchsae.atomic import write_json, write_text
+from patchsae.atomic import json_ready, write_json, write_text
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
 from patchsae.metrics.fidelity import FidelityError, FidelityScorer
@@ -137,10 +137,6 @@ def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int)
     return members
 
 
-def _sae_dtype(sae: Any) -> torch.dtype:
-    return next(sae.parameters()).dtype
-
-
 @torch.no_grad()
 def _init_b_dec(
     cfg: TrainConfig, members: list[Member], x_first: torch.Tensor, d: ddp.Dist
@@ -148,7 +144,7 @@ def _init_b_dec(
     """Set every SAE's b_dec from the first global batch (computed on rank 0, broadcast)."""
     cache: dict[torch.dtype, torch.Tensor] = {}
     for m in members:
-        dtype = _sae_dtype(m.sae)
+        dtype = m.sae.dtype
         if dtype not in cache:
             b_dec = torch.zeros_like(m.sae.b_dec)
             if d.is_main:
@@ -159,25 +155,42 @@ def _init_b_dec(
 
 
 def _step(cfg: TrainConfig, m: Member, x: torch.Tensor, step: int, d: ddp.Dist) -> dict[str, float]:
-    """One training step of one SAE on this rank's slice ``x``; returns its log values."""
+    """One training step of one SAE on this rank's slice ``x``; returns its log values.
+
+    The loss, its terms, the fire count and the dead-mask size travel in one float64 tensor
+    (one all-reduce, one host sync). NaN/Inf activations make the loss non-finite, which stops
+    the run here, before any update.
+    """
     sae = m.sae
     sae.train()
     m.opt.zero_grad(set_to_none=True)
     sae.normalize_decoder_()
     dead = dead_latents(m.counters, cfg.dead_feature_window)
-    out = sae.loss(x.to(_sae_dtype(sae)), dead_mask=dead)
+    out = sae.loss(x.to(sae.dtype), dead_mask=dead)
     names = sorted(out.terms)
-    stats = torch.stack([out.total.detach(), *(out.terms[k].detach() for k in names)]).double()
-    stats = ddp.all_reduce_sum_(stats, d) / d.world_size
-    if not torch.isfinite(stats).all():
-        values = ", ".join(
-            f"{k}={v:.4g}" for k, v in zip(["total", *names], stats.tolist(), strict=True)
-        )
+    fire_local = out.fire_counts.detach().to(torch.int64)
+    packed = torch.stack(
+        [
+            out.total.detach().double(),
+            *(out.terms[k].detach().double() for k in names),
+            fire_local.sum().double(),
+            dead.sum().double(),
+        ]
+    )
+    *losses, fire_total, n_dead = ddp.all_reduce_sum_(packed, d).tolist()
+    losses = [v / d.world_size for v in losses]
+    if not all(math.isfinite(v) for v in losses):
+        if not torch.isfinite(x).all():
+            raise TrainingError(
+                f"non-finite activations in the batch of step {step}: the activation source "
+                "holds NaN/Inf values. The run stopped; the last checkpoint is intact"
+            )
+        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total", *names], losses, strict=True))
         raise TrainingError(
             f"non-finite loss at step {step}{m.label}: {values}. The run stopped; the last "
             "checkpoint is intact. Lower lr or check the activations, then --resume"
         )
-    fire = ddp.all_reduce_sum_(out.fire_counts.detach().to(torch.int64).clone(), d)
+    fire = ddp.all_reduce_sum_(fire_local.clone(), d)
     update_dead_counters(m.counters, fire)
     n_tokens = x.numel() // x.shape[-1] * d.world_size
     m.firing.update(fire, n_tokens)
@@ -188,16 +201,17 @@ def _step(cfg: TrainConfig, m: Member, x: torch.Tensor, step: int, d: ddp.Dist) 
     for group in m.opt.param_groups:
         group["lr"] = lr
     m.opt.step()
-    record = {"lr": lr, "loss": stats[0].item()}
-    record.update({k: v for k, v in zip(names, stats[1:].tolist(), strict=True)})
-    record["l0"] = fire.sum().item() / n_tokens
-    record["n_dead_mask"] = int(dead.sum().item())
+    record = {"lr": lr, "loss": losses[0]}
+    record.update(zip(names, losses[1:], strict=True))
+    record["l0"] = fire_total / n_tokens
+    record["n_dead_mask"] = round(n_dead / d.world_size)
     return record
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line of strict JSON (NaN and infinities become null)."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
 
 
 def _truncate_metrics(path: Path, keep_until: int | None) -> None:
@@ -222,8 +236,8 @@ def _truncate_metrics(path: Path, keep_until: int | None) -> None:
 class _Logger:
     """metrics.jsonl per SAE, and W&B when ``wandb_project`` is set (rank 0 only)."""
 
-    def __init__(self, cfg: TrainConfig, members: list[Member], enabled: bool) -> None:
-        self.members, self.enabled, self.run = members, enabled, None
+    def __init__(self, cfg: TrainConfig, enabled: bool) -> None:
+        self.enabled, self.run = enabled, None
         if enabled and cfg.wandb_project:
             try:
                 import wandb
@@ -341,18 +355,17 @@ def _evaluate(
     progress: dict,
     log: _Logger,
 ) -> None:
+    """Score every SAE on the held-out images (read once, shared) and, with ``fidelity``, on
+    the labelled images; rank 0 only (nothing here is a collective)."""
+    held_out = list(source.eval_batches()) if cfg.eval_images else []
     for m in members:
         record = {k: progress[k] for k in ("step", "images", "tokens")}
         if cfg.eval_images:
             metrics = reconstruction_metrics(
-                m.sae,
-                source.eval_batches(),
-                source.eval_layout,
-                device=m.counters.device,
-                progress=False,
+                m.sae, held_out, source.eval_layout, device=m.counters.device, progress=False
             )
             record.update({f"eval/{k}": v for k, v in metrics.items()})
-        if fidelity is not None and log.enabled:
+        if fidelity is not None:
             record.update({f"eval/fidelity/{k}": v for k, v in fidelity(m.sae).items()})
         log.log(m, record)
 
@@ -397,7 +410,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
             _truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
         if not (out / TRAIN_CONFIG).is_file():
             write_json(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
-    log = _Logger(cfg, members, d.is_main)
+    log = _Logger(cfg, d.is_main)
     if state is None:
         progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
     else:
@@ -409,7 +422,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         first = next(batches)
         _init_b_dec(cfg, members, first[0], d)
         batches = itertools.chain([first], batches)
-        if evaluating:
+        if evaluating and d.is_main:
             _evaluate(cfg, members, source, fidelity, progress, log)
     bar = tqdm(
         total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
@@ -420,12 +433,6 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
             x_global, position = next(batches)
             x = x_global[d.slice(x_global.shape[0])].to(d.device)
             step = progress["step"]
-            bad = ddp.all_reduce_sum_(torch.tensor([float(not torch.isfinite(x).all())]), d)
-            if bad.item():
-                raise TrainingError(
-                    f"non-finite activations in the batch of step {step}: the activation source "
-                    "holds NaN/Inf values. The run stopped; the last checkpoint is intact"
-                )
             records = [_step(cfg, m, x, step, d) for m in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
             progress["step"] = step + 1
@@ -436,13 +443,13 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
             progress["data_position"] = position
             rate = (progress["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}")
+            bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
             if progress["step"] % cfg.log_every == 0 or done:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
                     log.log(m, {**head, **record, **m.firing.fractions(), "tokens_per_s": rate})
-            if evaluating and (progress["step"] % cfg.eval_every == 0 or done):
+            if evaluating and d.is_main and (progress["step"] % cfg.eval_every == 0 or done):
                 _evaluate(cfg, members, source, fidelity, progress, log)
             if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
                 _checkpoint(cfg, members, progress, source)
