@@ -30,6 +30,7 @@ from patchsae.data.images import (
     shuffled_order,
     write_bad_report,
 )
+from patchsae.data.shuffle import epoch_order, keyed_rng
 
 
 class ToTensor:
@@ -440,6 +441,15 @@ def test_shuffled_order():
     expected = np.random.Generator(np.random.PCG64(3)).permutation(100)
     assert np.array_equal(order, expected)
     assert shuffled_order(0, 1).shape == (0,)
+
+
+def test_shuffled_order_is_the_unkeyed_shared_stream():
+    assert np.array_equal(shuffled_order(40, 5), keyed_rng(5).permutation(40))
+    assert not np.array_equal(shuffled_order(40, 5), epoch_order(40, 5, 0)), (
+        "the planned order and the first training epoch must be independent draws"
+    )
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        shuffled_order(-1, 0)
 
 
 @pytest.fixture

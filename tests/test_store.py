@@ -13,6 +13,13 @@ import torch
 from patchsae.backbones import BackboneError, TokenLayout
 from patchsae.data.images import BadRecord
 from patchsae.data.loaders import image_batches_from_store, token_batches
+from patchsae.data.shuffle import (
+    epoch_order,
+    keyed_rng,
+    seeded_order,
+    shuffle_window_tokens,
+    window_positions,
+)
 from patchsae.data.store import (
     FORMAT_VERSION,
     ActivationStore,
@@ -245,6 +252,54 @@ def test_token_batches_seed_and_resume(coded_store: ActivationStore) -> None:
         assert np.array_equal(next(infinite).numpy(), b)
     unshuffled = all_tokens(token_batches(coded_store, 5, seed=None, epochs=1))
     np.testing.assert_array_equal(unshuffled[:, 0], np.repeat(np.arange(23), 5))
+
+
+def derived_order(n: int, seed: int, *keys: int) -> np.ndarray:
+    """The documented keyed permutation, re-derived with numpy alone."""
+    seq = np.random.SeedSequence(seed, spawn_key=keys)
+    return np.random.Generator(np.random.PCG64(seq)).permutation(n)
+
+
+def test_keyed_orders_are_independent_streams() -> None:
+    plain = np.random.Generator(np.random.PCG64(7)).permutation(50)
+    assert np.array_equal(keyed_rng(7).permutation(50), plain)
+    keys = [(), (0,), (0, 0), (1,), (1, 0), (0, 1), (0, 0, 0)]
+    draws = {k: tuple(keyed_rng(7, *k).integers(0, 2**62, 4).tolist()) for k in keys}
+    assert len(set(draws.values())) == len(keys), "two key tuples share a stream"
+    assert not np.array_equal(epoch_order(50, 7, 0), seeded_order(50, 7))
+    assert sorted(epoch_order(9, 7, 3).tolist()) == list(range(9))
+    assert epoch_order(4, None, 3).tolist() == [0, 1, 2, 3]
+    assert epoch_order(0, 7, 0).dtype == np.int64
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        seeded_order(-1, 0)
+    order = np.array([4, 0, 3, 1, 2])
+    assert window_positions(order, 1, 2).tolist() == [1, 3]
+    assert window_positions(order, 2, 2).tolist() == [2]
+    block = np.arange(12).reshape(6, 2)
+    np.testing.assert_array_equal(
+        shuffle_window_tokens(block, 7, 1, 2), block[derived_order(6, 7, 1, 2)]
+    )
+    np.testing.assert_array_equal(shuffle_window_tokens(block, None, 1, 2), block)
+
+
+def test_loaders_follow_the_keyed_orders(coded_store: ActivationStore) -> None:
+    start, stop, n, window = 2, 21, 19, 4
+    expected = []
+    for epoch in range(2):
+        order = derived_order(n, 3, epoch)
+        for w in range(-(-n // window)):
+            ids = np.sort(order[w * window : (w + 1) * window]) + start
+            pairs = [[int(i), t] for i in ids for t in range(LAYOUT.n_tokens)]
+            expected += [pairs[k] for k in derived_order(len(pairs), 3, epoch, w)]
+    batches = token_batches(
+        coded_store, 5, seed=3, window_images=window, epochs=2, start=start, stop=stop
+    )
+    assert all_tokens(batches)[:, :2].astype(int).tolist() == expected
+    images = image_batches_from_store(
+        coded_store, 4, shuffle_seed=3, epochs=2, start=start, stop=stop
+    )
+    ids = torch.cat(list(images))[:, 0, 0].int().tolist()
+    assert ids == [int(i) + start for e in range(2) for i in derived_order(n, 3, e)]
 
 
 def test_token_modes_and_image_range(coded_store: ActivationStore) -> None:

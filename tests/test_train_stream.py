@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 
 from patchsae.config import ConfigError, from_dict
-from patchsae.data.images import DataConfig, shuffled_order
+from patchsae.data.images import DataConfig
+from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore
 from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
+from patchsae.train import sources as sources_module
 from patchsae.train import trainer as trainer_module
-from patchsae.train.sources import SourceError, StoreSource, StreamSource, epoch_seed
+from patchsae.train.sources import SourceError, StoreSource, StreamSource
 from run_files import kill_after_first_checkpoint, untimed_metrics, weights
 from tiny_models import save_tiny_vit
 
@@ -50,8 +52,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(model: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    """(N_IMAGES, T, D) activations after the last block, by ``patchsae extract``, source order."""
+def store_dir(model: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 store of the last block's activations by ``patchsae extract``, source order."""
     out = tmp_path_factory.mktemp("store") / "s"
     cfg = ExtractConfig(
         model=str(model),
@@ -65,6 +67,13 @@ def reference(model: Path, images: Path, tmp_path_factory: pytest.TempPathFactor
     )
     store = ActivationStore.open(extract(cfg))
     np.testing.assert_array_equal(store.example_ids, np.arange(N_IMAGES))
+    return store.root
+
+
+@pytest.fixture(scope="module")
+def reference(store_dir: Path) -> np.ndarray:
+    """(N_IMAGES, T, D) activations after the last block, source order."""
+    store = ActivationStore.open(store_dir)
     return np.stack([store.get(i, 1) for i in range(N_IMAGES)])
 
 
@@ -125,7 +134,7 @@ def test_images_stream_follows_the_seeded_epoch_order(
     epochs = [seen[e * N_TRAIN : (e + 1) * N_TRAIN] for e in range(3)]
     for e, order in enumerate(epochs):
         assert sorted(order) == list(range(N_TRAIN)), "an epoch must visit each training image once"
-        np.testing.assert_array_equal(order, shuffled_order(N_TRAIN, epoch_seed(0, e)))
+        np.testing.assert_array_equal(order, epoch_order(N_TRAIN, 0, e))
     assert epochs[0] != epochs[1] != epochs[2]
     # 5-image windows: after 3 batches 9 images are done = window 1, offset 4.
     assert positions[2] == {"epoch": 0, "window": 1, "offset": 4}
@@ -154,11 +163,10 @@ def test_tokens_stream_shuffles_within_each_window(
     per_image = keep.stop - keep.start
     expected = []
     for epoch in range(2):
-        order = shuffled_order(N_TRAIN, epoch_seed(0, epoch))
-        for w, lo in enumerate(range(0, N_TRAIN, 5)):
-            window = reference[order[lo : lo + 5], keep].reshape(-1, D)
-            gen = np.random.Generator(np.random.PCG64(epoch_seed(0, epoch, w)))
-            expected.append(window[gen.permutation(len(window))])
+        order = epoch_order(N_TRAIN, 0, epoch)
+        for w in range(-(-N_TRAIN // 5)):
+            window = reference[window_positions(order, w, 5), keep].reshape(-1, D)
+            expected.append(shuffle_window_tokens(window, 0, epoch, w))
     expected_nd = np.concatenate(expected)
     stream = source.batches(source.start_position())
     n_batches = len(expected_nd) // 7
@@ -166,6 +174,41 @@ def test_tokens_stream_shuffles_within_each_window(
     assert got.shape == (n_batches * 7, D)
     np.testing.assert_allclose(got, expected_nd[: n_batches * 7], atol=1e-5, rtol=0)
     assert n_batches * 7 > 2 * N_TRAIN * per_image - 7, "the stream must cross into epoch 1"
+
+
+@pytest.mark.parametrize("mode", ["images", "tokens"])
+def test_stream_equals_the_store_loaders_on_an_unshuffled_store(
+    model: Path, images: Path, store_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    extra = {"window_images": 5}
+    if mode == "tokens":
+        extra |= {"batch_mode": "tokens", "batch_tokens": 7, "tokens": "patches"}
+        extra |= {"b_dec_init": "geometric_median_tokens"}
+    streamed = StreamSource(config(model, images, tmp_path / "a", **extra), torch.device("cpu"))
+    stored = StoreSource(config(model, images, tmp_path / "b", store=str(store_dir), **extra))
+    n_batches = {"images": 3 * N_TRAIN // 3, "tokens": 3 * N_TRAIN * (T - 1) // 7}[mode]
+    a = [x for x, _ in itertools.islice(streamed.batches(streamed.start_position()), n_batches)]
+    b = [x for x, _ in itertools.islice(stored.batches(stored.start_position()), n_batches)]
+    assert len(a) == len(b) == n_batches
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5, rtol=0)
+
+
+def test_stream_builds_each_epoch_order_once(
+    model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def counted(n: int, seed: int | None, epoch: int) -> np.ndarray:
+        calls.append(epoch)
+        return epoch_order(n, seed, epoch)
+
+    monkeypatch.setattr(sources_module, "epoch_order", counted)
+    cfg = config(model, images, tmp_path / "run", shuffle_buffer_images=2)
+    source = StreamSource(cfg, torch.device("cpu"))
+    n_batches = 2 * N_TRAIN // 3 + 1
+    list(itertools.islice(source.batches(source.start_position()), n_batches))
+    assert calls == [0, 1, 2], "the epoch order must be built once per epoch, not per window"
 
 
 def test_streaming_training_is_deterministic_by_seed(

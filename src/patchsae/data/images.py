@@ -25,6 +25,7 @@ from PIL import Image
 
 from patchsae.atomic import write_json
 from patchsae.config import check_local_folder
+from patchsae.data.shuffle import seeded_order
 from patchsae.pixels import BadImage, to_rgb
 
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -392,12 +393,11 @@ def open_images(cfg: DataConfig) -> ImageSource:
 
 
 def shuffled_order(n: int, seed: int | None) -> np.ndarray:
-    """Example ids 0..n-1 in a seeded random order (identity when ``seed`` is None), int64 (n,)."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if seed is None:
-        return np.arange(n, dtype=np.int64)
-    return np.random.Generator(np.random.PCG64(seed)).permutation(n).astype(np.int64)
+    """Example ids 0..n-1 in a seeded random order (identity when ``seed`` is None), int64 (n,).
+
+    The permutation by ``keyed_rng(seed)`` of ``patchsae.data.shuffle``, i.e. ``PCG64(seed)``.
+    """
+    return seeded_order(n, seed)
 
 
 class _Examples(torch.utils.data.Dataset):

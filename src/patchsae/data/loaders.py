@@ -12,11 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore, StoreError
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
 
 
 def _check_seed(name: str, seed: int | None) -> None:
@@ -45,13 +42,6 @@ def _image_range(store: ActivationStore, start: int, stop: int | None) -> tuple[
     return start, stop
 
 
-def _epoch_order(n: int, seed: int | None, epoch: int) -> np.ndarray:
-    """(n,) image positions of one epoch: a permutation seeded by (seed, epoch), or identity."""
-    if seed is None:
-        return np.arange(n, dtype=np.int64)
-    return _rng(seed, epoch).permutation(n).astype(np.int64)
-
-
 def token_batches(
     store: ActivationStore,
     batch_size: int,
@@ -67,9 +57,10 @@ def token_batches(
 ) -> Iterator[torch.Tensor]:
     """Shuffled token batches, each (batch_size, D) float32, from images [start, stop).
 
-    Per epoch the images are permuted by a generator seeded from (seed, epoch) and cut into windows
-    of ``window_images``; within window w the tokens (listed by image in store order, then token
-    position) are permuted by a generator seeded from (seed, epoch, w). Concatenating all windows
+    Per epoch the images are permuted by ``epoch_order(n, seed, epoch)`` and cut into windows of
+    ``window_images``; within window w the tokens (listed by image in store order, then token
+    position) are permuted by ``shuffle_window_tokens(..., seed, epoch, w)``, both from
+    ``patchsae.data.shuffle`` (which the streaming source shares). Concatenating all windows
     of all epochs gives one token stream; batch i is tokens [i * batch_size, (i + 1) * batch_size).
     ``seed=None`` keeps store order. ``epochs=None`` streams forever; otherwise the incomplete last
     batch is dropped, and a range whose ``epochs`` epochs hold fewer than ``batch_size`` tokens is
@@ -96,26 +87,23 @@ def token_batches(
     first_window, skip = divmod(within, per_window)
     pending = np.zeros((0, store.d_model), dtype=np.float32)
     while epochs is None or epoch < epochs:
-        order = _epoch_order(n_images, seed, epoch)
+        order = epoch_order(n_images, seed, epoch)
         for w in range(first_window, -(-n_images // window_images)):
-            images = np.sort(order[w * window_images : (w + 1) * window_images]) + start
+            images = window_positions(order, w, window_images) + start
             window_nd = store.take(images, layer, token_sel).reshape(-1, store.d_model)
-            if seed is None:
-                picks = np.arange(skip, len(window_nd))
-            else:
-                picks = _rng(seed, epoch, w).permutation(len(window_nd))[skip:]
+            tokens_nd = shuffle_window_tokens(window_nd, seed, epoch, w)[skip:]
             skip = 0
             need = batch_size - len(pending)
-            if len(picks) < need:
-                pending = np.concatenate([pending, window_nd[picks]])
+            if len(tokens_nd) < need:
+                pending = np.concatenate([pending, tokens_nd])
                 continue
             if len(pending):
-                yield torch.from_numpy(np.concatenate([pending, window_nd[picks[:need]]]))
-                picks = picks[need:]
-            n_full = len(picks) // batch_size
+                yield torch.from_numpy(np.concatenate([pending, tokens_nd[:need]]))
+                tokens_nd = tokens_nd[need:]
+            n_full = len(tokens_nd) // batch_size
             for b in range(n_full):
-                yield torch.from_numpy(window_nd[picks[b * batch_size : (b + 1) * batch_size]])
-            pending = window_nd[picks[n_full * batch_size :]]
+                yield torch.from_numpy(tokens_nd[b * batch_size : (b + 1) * batch_size])
+            pending = tokens_nd[n_full * batch_size :]
         first_window = 0
         epoch += 1
 
@@ -133,8 +121,8 @@ def image_batches_from_store(
 ) -> Iterator[torch.Tensor]:
     """Batches of whole images, each (B, T, D) float32, from images [start, stop) of the store.
 
-    The image stream is each epoch's order (store order, or a permutation seeded from
-    (shuffle_seed, epoch)) concatenated over epochs; batch i is images
+    The image stream is each epoch's order (store order, or ``epoch_order(n, shuffle_seed,
+    epoch)``) concatenated over epochs; batch i is images
     [i * batch_size, (i + 1) * batch_size) of that stream, so batches may span an epoch boundary.
     With a finite ``epochs`` the last batch holds the remaining images and may be smaller.
     """
@@ -147,7 +135,7 @@ def image_batches_from_store(
     pending: list[np.ndarray] = []
     n_pending = 0
     while epochs is None or epoch < epochs:
-        order = _epoch_order(n_images, shuffle_seed, epoch) + start
+        order = epoch_order(n_images, shuffle_seed, epoch) + start
         while pos < n_images:
             take = min(batch_size - n_pending, n_images - pos)
             pending.append(order[pos : pos + take])

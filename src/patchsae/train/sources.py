@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from patchsae.backbones import TokenLayout, load_backbone
 from patchsae.config import resolve_local
-from patchsae.data.images import BadRecord, image_batches, open_images, shuffled_order
+from patchsae.data.images import BadRecord, image_batches, open_images
 from patchsae.data.loaders import image_batches_from_store, token_batches
+from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore
 from patchsae.train.config import TrainConfig
 
@@ -40,11 +41,6 @@ def selected_layout(layout: TokenLayout, tokens: str) -> TokenLayout | None:
     if tokens == "cls":
         return None
     return TokenLayout(n_tokens=layout.n_patches, cls_index=None, patch_start=0, grid=layout.grid)
-
-
-def epoch_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed derived from ``seed`` and the integers ``parts`` (epoch, window...)."""
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class Source:
@@ -165,12 +161,15 @@ class StoreSource(Source):
 class StreamSource(Source):
     """Activations computed by the backbone on the fly, through a shuffle buffer.
 
-    Each epoch visits the training images in the order ``shuffled_order(n_train, seed(seed,
-    epoch))``, cut into windows of ``shuffle_buffer_images`` images. A window's activations are
-    computed together; in tokens mode its tokens are then permuted by a generator seeded from
-    (seed, epoch, window). Batches are consecutive slices of this stream of windows, so the data
-    position (epoch, window, offset in the window) identifies a batch, and resuming recomputes
-    only the current window. Under DDP every rank computes each window in full and keeps its slice.
+    The order is that of the store loaders (``patchsae.data.shuffle``): each epoch visits the
+    training images in the order ``epoch_order(n_train, seed, epoch)``, cut into windows of
+    ``shuffle_buffer_images`` images. A window's activations are computed together; in tokens mode
+    the window's images are taken in ascending order and their tokens permuted by
+    ``shuffle_window_tokens(..., seed, epoch, window)``, exactly as ``token_batches`` does. So with
+    no unreadable images the stream equals that of a store extracted unshuffled from the same
+    images. Batches are consecutive slices of this stream of windows, so the data position
+    (epoch, window, offset in the window) identifies a batch, and resuming recomputes only the
+    current window. Under DDP every rank computes each window in full and keeps its slice.
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -184,6 +183,7 @@ class StreamSource(Source):
         self.n_images = len(self.images)
         self.bad: list[BadRecord] = []
         self._bad_ids: set[int] = set()
+        self._order: tuple[int, np.ndarray] | None = None
         super().__init__(cfg)
 
     def start_position(self) -> dict[str, Any]:
@@ -220,13 +220,15 @@ class StreamSource(Source):
         size = self.cfg.shuffle_buffer_images
         if window * size >= self.n_train:
             return None
-        order = shuffled_order(self.n_train, epoch_seed(self.cfg.seed, epoch))
-        acts = self._encode(order[window * size : (window + 1) * size])
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.n_train, self.cfg.seed, epoch))
+        order = self._order[1]
         if self.cfg.batch_mode == "images":
-            return acts
-        tokens = acts.reshape(-1, self.d_model)
-        gen = np.random.Generator(np.random.PCG64(epoch_seed(self.cfg.seed, epoch, window)))
-        return tokens[torch.from_numpy(gen.permutation(len(tokens)))]
+            return self._encode(order[window * size : (window + 1) * size])
+        tokens_nd = self._encode(window_positions(order, window, size)).reshape(-1, self.d_model)
+        return torch.from_numpy(
+            shuffle_window_tokens(tokens_nd.numpy(), self.cfg.seed, epoch, window)
+        )
 
     def batches(self, position: dict[str, Any]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """Global batches from ``position`` on, each with the position after it."""
