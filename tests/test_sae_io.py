@@ -693,3 +693,60 @@ def test_zip_members_past_max_bytes_are_refused_before_reading(tmp_path):
 
     peak = traced_peak(refused)
     assert peak < 4 * 2**20, f"peak {peak} bytes"
+
+
+def copy_bomb(global_line: bytes, n_items: int, n_calls: int, pairs: bool, spread: bool) -> bytes:
+    """A protocol-2 pickle of the list ``[(7, 7), big, result, ...]``: ``big`` (memo 1) is a
+    tuple of ``n_items`` items (``7``, or the memoised pair when ``pairs``), each result a REDUCE
+    call of the ``global_line`` callable on it: ``callable(*big)`` when ``spread``, else
+    ``callable(big)``."""
+    item = b"h\x00" if pairs else b"K\x07"
+    big = b"K\x07K\x07\x86q\x00(" + item * n_items + b"tq\x01"
+    call = global_line + b"h\x01" + (b"" if spread else b"\x85") + b"R"
+    return b"\x80\x02](" + big + call * n_calls + b"e."
+
+
+@pytest.mark.parametrize(
+    "global_line, pairs, spread, expected",
+    [
+        (b"cbuiltins\nset\n", False, False, {7}),
+        (b"c__builtin__\nfrozenset\n", False, False, frozenset({7})),
+        (b"ccollections\nOrderedDict\n", True, False, {7: 7}),
+        (b"ctorch\nSize\n", False, False, torch.Size([7] * 1000)),
+        (b"csrc.sae_training.config\nViTSAERunnerConfig\n", False, True, (7,) * 1000),
+    ],
+)
+def test_copying_one_memoised_container_many_times_is_refused(
+    tmp_path, global_line, pairs, spread, expected
+):
+    module, name = global_line[1:].decode().split()
+    name = f"{module.replace('__builtin__', 'builtins')}.{name}"
+    placeholders = (ORIGINAL_MODULE,) if spread else ()
+    once = tmp_path / "once.pkl"
+    once.write_bytes(copy_bomb(global_line, 1000, 1, pairs, spread))
+    found = read_pickled_checkpoint(once, placeholder_modules=placeholders)[2]
+    assert (found.args if spread else found) == expected
+    bomb = tmp_path / "bomb.pkl"
+    bomb.write_bytes(copy_bomb(global_line, 100_000, 128, pairs, spread))
+    assert bomb.stat().st_size < 2**18
+
+    def refused():
+        with pytest.raises(PickleRefused, match=f"{name}.*copy budget"):
+            read_pickled_checkpoint(bomb, placeholder_modules=placeholders)
+
+    peak = traced_peak(refused)
+    assert peak < 16 * 2**20, f"peak {peak} bytes"
+
+
+def test_pickled_state_is_refused_outside_placeholders_and_ordered_dicts(tmp_path):
+    hand = tmp_path / "defaults.pkl"
+    hand.write_bytes(b"ctorch._utils\n_rebuild_tensor\n(N}S'__defaults__'\n(I1\ntstb.")
+    with pytest.raises(PickleRefused, match="takes no pickled state"):
+        read_pickled_checkpoint(hand)
+    metadata = b"}q\x00(" + b"".join(b"J" + i.to_bytes(4, "little") + b"N" for i in range(2**14))
+    one = b"ccollections\nOrderedDict\n)Rh\x00b"
+    hand.write_bytes(b"\x80\x02](" + metadata + b"u" + one + b"e.")
+    assert read_pickled_checkpoint(hand)[1].__dict__ == {i: None for i in range(2**14)}
+    hand.write_bytes(b"\x80\x02](" + metadata + b"u" + one * 64 + b"e.")
+    with pytest.raises(PickleRefused, match="OrderedDict attributes.*copy budget"):
+        read_pickled_checkpoint(hand)

@@ -13,20 +13,24 @@ The unpickler resolves globals only from an explicit allow-list:
 - classes of the modules in ``placeholder_modules``, which become inert placeholders keeping
   their pickled state as a dict (the real class is never imported).
 
-Any other global makes the load fail with ``PickleRefused`` naming it.
+Any other global makes the load fail with ``PickleRefused`` naming it. Pickled state (BUILD)
+is only accepted by placeholders and ``OrderedDict`` attributes; any other object refuses it.
 
 Memory stays linear in the file: the bytes read (the plain or decompressed gzip stream, or the
 zip members used) may total at most ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``, 16 GiB),
 checked before reading a zip member and chunk by chunk while reading a stream; storages rebuilt
 from inside a pickle stream (legacy storages, ``_load_from_bytes``) may together claim at most
-as many bytes as that stream holds; and ``_codecs.encode`` returns one shared result per
-distinct string.
+as many bytes as that stream holds; the elements that allowed callables copy (the argument of
+``set``, ``frozenset``, ``OrderedDict`` and ``torch.Size``, tensor sizes and strides, placeholder
+arguments and state) may together number at most as many as that stream has bytes; and
+``_codecs.encode`` returns one shared result per distinct string.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import gzip
 import io
 import pickle
@@ -69,22 +73,31 @@ class Placeholder:
     """An inert stand-in for a pickled instance of a class that is never imported.
 
     ``state`` holds what the pickle handed to BUILD (for a dataclass: its fields), ``args`` the
-    constructor arguments of a REDUCE call.
+    constructor arguments of a REDUCE call. Only the unpickler makes them: each class it creates
+    carries the ``budget`` that its arguments and state are charged to.
     """
 
     pickled_module: str = ""
     pickled_name: str = ""
+    budget: _Budget
 
     def __new__(cls, *args: Any) -> Placeholder:
+        cls.budget.copy(len(args), f"{cls.pickled_module}.{cls.pickled_name} arguments")
         self = super().__new__(cls)
         self.args = args
         self.state = {}
         return self
 
     def __setstate__(self, state: Any) -> None:
+        what = f"{self.pickled_module}.{self.pickled_name} state"
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            self.budget.copy(len(state[0]) + len(state[1] or {}), what)
             state = {**state[0], **(state[1] or {})}
-        self.state = dict(state) if isinstance(state, dict) else {"state": state}
+        if isinstance(state, dict):
+            self.budget.copy(len(state), what)
+            self.state = dict(state)
+        else:
+            self.state = {"state": state}
 
     def __repr__(self) -> str:
         return f"Placeholder({self.pickled_module}.{self.pickled_name}, {self.state!r})"
@@ -105,15 +118,18 @@ class _StorageType:
 
 
 class _Budget:
-    """Bytes that storages rebuilt from a pickle stream may still claim.
+    """Bytes that storages rebuilt from a pickle stream may still claim, and elements that
+    allowed callables may still copy.
 
-    It starts at the size of the outermost pickle stream: every storage a genuine file rebuilds
-    there is backed by its own bytes in that stream, so a small file cannot claim one region
-    for many large storages.
+    Both start at the size of the outermost pickle stream: every storage a genuine file rebuilds
+    there is backed by its own bytes in that stream, and every element a genuine file hands to a
+    copying constructor takes at least one byte of it, so a small file can neither claim one
+    region for many large storages nor copy one memoised container many times.
     """
 
     def __init__(self, available: int) -> None:
         self.available = available
+        self.copies_left = available
 
     def claim(self, nbytes: int, what: str) -> None:
         if nbytes > self.available:
@@ -122,6 +138,31 @@ class _Budget:
                 f"({self.available} bytes left unclaimed)"
             )
         self.available -= nbytes
+
+    def copy(self, n_elements: int, what: str) -> None:
+        if n_elements > self.copies_left:
+            raise PickleRefused(
+                f"{what}: copying {n_elements} elements would exceed the copy budget of this "
+                f"checkpoint ({self.copies_left} elements left of one per stream byte); a "
+                "genuine file copies each container once"
+            )
+        self.copies_left -= n_elements
+
+
+class _Copying:
+    """An allowed constructor that copies its one optional argument, a list or tuple; each call
+    charges the argument's length to ``budget``. Not a type, so NEWOBJ cannot use it."""
+
+    __slots__ = ("name", "build", "budget")
+
+    def __init__(self, name: str, build: Callable[..., Any], budget: _Budget) -> None:
+        self.name, self.build, self.budget = name, build, budget
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple))):
+            raise PickleRefused(f"{self.name} takes one list or tuple in a checkpoint")
+        self.budget.copy(len(args[0]) if args else 0, self.name)
+        return self.build(*args)
 
 
 class _Storage:
@@ -151,10 +192,18 @@ def _check_ints(values: Any, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
-    """A strided view of ``storage``, refused unless every element lies inside it."""
+def _rebuild_tensor(
+    budget: _Budget, storage: Any, offset: Any, size: Any, stride: Any
+) -> torch.Tensor:
+    """A strided view of ``storage``, refused unless every element lies inside it; the tensor's
+    copies of ``size`` and ``stride`` are charged to ``budget``."""
     if not isinstance(storage, _Storage):
         raise PickleRefused(f"tensor rebuild got {type(storage).__name__}, expected a storage")
+    if not isinstance(size, (tuple, list, torch.Size)) or not isinstance(
+        stride, (tuple, list, torch.Size)
+    ):
+        raise PickleRefused(f"tensor size and stride must be sequences, found {size!r}, {stride!r}")
+    budget.copy(len(size) + len(stride), "tensor size and stride")
     size = _check_ints(size, "size")
     stride = _check_ints(stride, "stride")
     (offset,) = _check_ints((offset,), "offset")
@@ -172,6 +221,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.
 
 
 def _rebuild_tensor_v2(
+    budget: _Budget,
     storage: Any,
     offset: Any,
     size: Any,
@@ -182,7 +232,7 @@ def _rebuild_tensor_v2(
 ) -> torch.Tensor:
     if backward_hooks:
         raise PickleRefused("tensors with backward hooks are not supported")
-    return _rebuild_tensor(storage, offset, size, stride)
+    return _rebuild_tensor(budget, storage, offset, size, stride)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
@@ -193,12 +243,18 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data
 
 
-def _placeholder_class(module: str, name: str) -> type[Placeholder]:
-    return type(name, (Placeholder,), {"pickled_module": module, "pickled_name": name})
+def _placeholder_class(module: str, name: str, budget: _Budget) -> type[Placeholder]:
+    return type(
+        name, (Placeholder,), {"pickled_module": module, "pickled_name": name, "budget": budget}
+    )
 
 
-class _Unpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` with an allow-list ``find_class`` and our storage loader."""
+class _Unpickler(pickle._Unpickler):
+    """The pure-Python ``pickle`` unpickler (the C one has no hook for BUILD) with an allow-list
+    ``find_class``, our storage loader and a BUILD that only placeholders and ``OrderedDict``
+    attributes accept."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(
         self,
@@ -226,7 +282,7 @@ class _Unpickler(pickle.Unpickler):
             return allowed
         if module in self._placeholder_modules:
             if key not in self._placeholders:
-                self._placeholders[key] = _placeholder_class(module, name)
+                self._placeholders[key] = _placeholder_class(module, name, self._budget)
             return self._placeholders[key]
         raise PickleRefused(
             f"refused global {module}.{name}: only tensors, plain containers, torch.device, "
@@ -235,15 +291,21 @@ class _Unpickler(pickle.Unpickler):
 
     def _allowed(self, key: tuple[str, str]) -> Any:
         module, name = key
-        fixed = {
+        copying = {
             ("collections", "OrderedDict"): collections.OrderedDict,
             ("builtins", "set"): set,
             ("builtins", "frozenset"): frozenset,
+            ("torch", "Size"): torch.Size,
+        }
+        if key in copying:
+            return _Copying(f"{module}.{name}", copying[key], self._budget)
+        fixed = {
             ("_codecs", "encode"): self._codecs_encode,
             ("torch", "device"): torch.device,
-            ("torch", "Size"): torch.Size,
-            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor"): functools.partial(_rebuild_tensor, self._budget),
+            ("torch._utils", "_rebuild_tensor_v2"): functools.partial(
+                _rebuild_tensor_v2, self._budget
+            ),
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch.storage", "_load_from_bytes"): self._load_from_bytes,
         }
@@ -254,6 +316,25 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch" and name in TORCH_DTYPES:
             return TORCH_DTYPES[name]
         return None
+
+    def load_build(self) -> None:
+        """BUILD: ``stack[-2]`` takes the state ``stack[-1]``; placeholders keep it (storage
+        type markers refuse it), an ``OrderedDict`` takes a dict as attributes (``_metadata``
+        of a state dict), charged to the copy budget; anything else refuses it."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, (Placeholder, _StorageType)):
+            inst.__setstate__(state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict):
+            self._budget.copy(len(state), "collections.OrderedDict attributes")
+            inst.__dict__.update(state)
+        else:
+            raise PickleRefused(
+                f"{type(inst).__module__}.{type(inst).__qualname__} takes no pickled state in "
+                "a checkpoint"
+            )
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid: Any) -> Any:
         if self._load_storage is None:
@@ -451,7 +532,7 @@ def read_pickled_checkpoint(
         return _read_stream(data, placeholder_modules)
     except PickleRefused:
         raise
-    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as err:
+    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, struct.error) as err:
         raise PickleRefused(f"{path} is not a readable checkpoint: {err}") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as err:
         raise PickleRefused(
