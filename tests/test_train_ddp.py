@@ -1,15 +1,18 @@
 """Two gloo processes on CPU train the same weights as one process on the same global batch.
 
-The run is a sweep of the PatchSAE ReLU SAE and a TopK SAE, both exact under DDP.
+The run is a sweep of the PatchSAE ReLU SAE and a TopK SAE, both exact under DDP. A run also
+frees its process group (and so joins gloo's worker threads) before returning.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from patchsae.config import to_dict
@@ -20,15 +23,15 @@ from test_train import config, make_store, tiny_acts
 TIMEOUT_S = 180
 
 
-def torchrun(cfg_file: Path, nproc: int) -> None:
-    """``patchsae train cfg_file`` under torchrun with ``nproc`` gloo processes on CPU.
+def torchrun(args: list[str], nproc: int) -> None:
+    """``python args`` (e.g. ``-m patchsae train CFG``) under torchrun, ``nproc`` gloo processes.
 
     ``--standalone`` lets the launcher bind its own free port and host the rendezvous store, so
     no port is guessed and the store outlives every worker. On failure or timeout the launcher's
     output (both ranks' tracebacks and exit codes) is in the assertion message.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "patchsae", "train", str(cfg_file)]
+    cmd += [f"--nproc-per-node={nproc}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(
@@ -51,7 +54,7 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     cfg = config(store, tmp_path / "ddp", total_images=40, checkpoint_every=4, **settings)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    torchrun(cfg_file, 2)
+    torchrun(["-m", "patchsae", "train", str(cfg_file)], 2)
     single = train(
         config(store, tmp_path / "single", total_images=40, checkpoint_every=4, **settings)
     )
@@ -70,3 +73,41 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
         for k in b:
             diff = (a[k] - b[k]).abs().max().item()
             assert diff <= 1e-5, f"{member} {k} differs by {diff}"
+
+
+THREADS_AFTER_TRAIN = """
+import json, os, sys
+from pathlib import Path
+from patchsae.config import load_config
+from patchsae.train import TrainConfig, train
+
+train(load_config(TrainConfig, sys.argv[1], []))
+names = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    except OSError:
+        pass
+Path(sys.argv[2], f"threads-{os.environ['RANK']}.json").write_text(json.dumps(names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_train_frees_the_process_group_before_returning(tmp_path: Path) -> None:
+    """No gloo thread is left once ``train`` returns, so none can die in interpreter shutdown.
+
+    A gloo worker thread still alive at exit can be freeing a finished job (which needs the GIL)
+    while Python finalises, which aborts the process. The threads end only when the group is
+    freed, which fails if anything still references it (as ``torch.distributed.nn.functional``'s
+    default arguments do when that module is first imported after the group exists).
+    """
+    store = make_store(tmp_path / "store", tiny_acts())
+    cfg = config(store, tmp_path / "ddp", total_images=8, checkpoint_every=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    script = tmp_path / "threads_after_train.py"
+    script.write_text(THREADS_AFTER_TRAIN)
+    torchrun([str(script), str(cfg_file), str(tmp_path)], 2)
+    for rank in range(2):
+        names = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert not [n for n in names if "gloo" in n], f"rank {rank} threads after train: {names}"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from patchsae.config import load_config
 
@@ -15,13 +13,6 @@ def _run(args: argparse.Namespace) -> int:
 
     out = train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume)
     print(out)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The run is complete, written and its process group destroyed. A gloo worker thread can
-        # still be freeing a finished job when the interpreter shuts down, which aborts the
-        # process (std::terminate) and makes torchrun report a failed rank; end at once instead.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0
 
 

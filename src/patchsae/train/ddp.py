@@ -9,6 +9,7 @@ step equals the single-process step on the global batch. Collectives are explici
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,11 @@ def setup(device: str) -> Dist:
         target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(target)
     if not dist.is_initialized():
+        # ``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument when it is
+        # first imported, and the first optimizer built imports it (through ``torch._dynamo``).
+        # Imported after the group exists, it would hold the group until interpreter shutdown, so
+        # ``teardown`` could not free it; imported first, it binds None.
+        importlib.import_module("torch.distributed.nn.functional")
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     return Dist(rank, world_size, target)
@@ -72,11 +78,11 @@ def teardown(d: Dist, clean: bool) -> None:
     After a clean run every rank first waits at a barrier, so no rank tears down its transport
     (or, on rank 0, the rendezvous store) while a peer still has a collective in flight; then the
     group is destroyed explicitly, which joins the backend's worker threads while the interpreter
-    is fully alive. Exiting with a live gloo group lets those threads be destroyed during
-    interpreter shutdown, which aborts the process (``terminate called without an active
-    exception``). After a failure (``clean=False``) the barrier is skipped, since a peer may be
-    blocked in another collective; destroying the group then makes the peers' pending
-    collectives fail instead of hanging.
+    is fully alive (provided nothing else still references the group: see ``setup``). Exiting
+    with a live gloo group lets those threads be destroyed during interpreter shutdown, which
+    aborts the process (``terminate called without an active exception``). After a failure
+    (``clean=False``) the barrier is skipped, since a peer may be blocked in another collective;
+    destroying the group then makes the peers' pending collectives fail instead of hanging.
     """
     if not (d.enabled and dist.is_initialized()):
         return
