@@ -24,6 +24,7 @@ from patchsae.metrics.fidelity import FidelityError
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.registry import make_sae
 from tiny_models import tiny_clip as build_tiny_clip
+from tiny_stores import make_store
 
 # ---------------------------------------------------------------- helpers
 
@@ -496,7 +497,7 @@ def test_evaluate_checks_fidelity_backbone_and_labels_first(clip_store, tmp_path
     from PIL import Image
 
     from patchsae.data.images import DataConfig
-    from patchsae.data.store import ActivationStore, StoreWriter
+    from patchsae.data.store import ActivationStore
     from patchsae.metrics import FidelityConfig, evaluate
     from patchsae.sae.io import save
 
@@ -517,20 +518,8 @@ def test_evaluate_checks_fidelity_backbone_and_labels_first(clip_store, tmp_path
     with pytest.raises(FidelityError, match="include unlabelled"):
         evaluate(sae_dir, store_dir, fidelity=fidelity, progress=False)
 
-    layout = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
-    plan = {
-        "format_version": 1,
-        "layers": [0],
-        "dtype": "fp32",
-        "d_model": 64,
-        "n_tokens": 5,
-        "token_layout": layout.to_dict(),
-        "backbone": {"name": "tiny-dino", "family": "dinov2", "n_layers": 2},
-    }
-    with StoreWriter(tmp_path / "dino-store", plan) as writer:
-        shard = writer.shard(0, 4)
-        shard.append({0: torch.randn(4, 5, 64)})
-        writer.finalize([shard.commit({"example_ids": list(range(4)), "labels": [-1] * 4})], [])
+    dino = {"name": "tiny-dino", "family": "dinov2", "n_layers": 2}
+    make_store(tmp_path / "dino-store", np.random.default_rng(0).normal(size=(4, 5, 64)), dino)
     assert len(ActivationStore.open(tmp_path / "dino-store")) == 4
     fidelity = FidelityConfig(DataConfig(str(FASHION_MNIST), split="test"), limit=2)
     with pytest.raises(FidelityError, match="CLIP backbone.*dinov2"):

@@ -16,11 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from assets import GOLDEN_STEP
-from patchsae.backbones import TokenLayout
 from patchsae.cli import main
 from patchsae.config import ConfigError, from_dict, load_config, to_dict
 from patchsae.data.loaders import image_batches_from_store
-from patchsae.data.store import ActivationStore, StoreWriter
+from patchsae.data.store import ActivationStore
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.geometric_median import init_b_dec
@@ -32,29 +31,9 @@ from patchsae.train.checkpoint import write_checkpoint
 from patchsae.train.sources import open_source
 from patchsae.train.trainer import TrainingError, _check_compatible, lr_at
 from run_files import kill_after_first_checkpoint, metrics, untimed_metrics, weights
+from tiny_stores import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_store(root: Path, acts_ntd: np.ndarray) -> Path:
-    """A one-shard fp32 store of ``acts_ntd`` (N, T, D) with CLS at 0 and T - 1 patches."""
-    n, t, d = acts_ntd.shape
-    layout = TokenLayout(n_tokens=t, cls_index=0, patch_start=1, grid=(1, t - 1))
-    plan = {
-        "format_version": 1,
-        "layers": [0],
-        "dtype": "fp32",
-        "d_model": d,
-        "n_tokens": t,
-        "token_layout": layout.to_dict(),
-        "backbone": {"name": "tiny", "n_layers": 2},
-    }
-    with StoreWriter(root, plan) as writer:
-        shard = writer.shard(0, n)
-        shard.append({0: torch.from_numpy(np.ascontiguousarray(acts_ntd, dtype=np.float32))})
-        entry = shard.commit({"example_ids": list(range(n)), "labels": [-1] * n})
-        writer.finalize([entry], [])
-    return root
 
 
 def tiny_acts(n: int = 24, seed: int = 0) -> np.ndarray:

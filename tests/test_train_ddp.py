@@ -18,7 +18,8 @@ import yaml
 from patchsae.config import to_dict
 from patchsae.train import train
 from run_files import metrics, weights
-from test_train import config, make_store, tiny_acts
+from test_train import config, tiny_acts
+from tiny_stores import make_store
 
 TIMEOUT_S = 180
 

@@ -13,10 +13,9 @@ from PIL import Image
 import patchsae.metrics
 import patchsae.train
 from assets import CLIP_TOKENIZER
-from patchsae.backbones import TokenLayout, load_backbone
+from patchsae.backbones import load_backbone
 from patchsae.config import ConfigError, from_dict
 from patchsae.data.images import DataConfig, image_batches, open_images, shuffled_order
-from patchsae.data.store import StoreWriter
 from patchsae.extract import ExtractConfig, extract
 from patchsae.metrics.fidelity import downstream_fidelity
 from patchsae.sae.config import SAEConfig
@@ -25,6 +24,7 @@ from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, train
 from patchsae.train.config import FidelityConfig
 from tiny_models import tiny_clip
+from tiny_stores import make_store
 
 CLASSES = ("bird", "cat", "dog")
 TEMPLATES = ("a photo of a {name}.", "a blurry {name}.")
@@ -146,21 +146,10 @@ def test_fidelity_without_eval_images_still_evaluates(
 
 
 def test_fidelity_needs_clip_backbone(images: Path, tmp_path: Path) -> None:
-    layout = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
-    plan = {
-        "format_version": 1,
-        "layers": [0],
-        "dtype": "fp32",
-        "d_model": 8,
-        "n_tokens": 5,
-        "token_layout": layout.to_dict(),
-        "backbone": {"name": "tiny-dino", "family": "dinov2", "n_layers": 2},
-    }
-    root = tmp_path / "dino-store"
-    with StoreWriter(root, plan) as writer:
-        shard = writer.shard(0, 8)
-        shard.append({0: torch.randn(8, 5, 8)})
-        writer.finalize([shard.commit({"example_ids": list(range(8)), "labels": [-1] * 8})], [])
+    dino = {"name": "tiny-dino", "family": "dinov2", "n_layers": 2}
+    root = make_store(
+        tmp_path / "dino-store", np.random.default_rng(0).normal(size=(8, 5, 8)), dino
+    )
     cfg = train_config(root, tmp_path / "run", images, sae={"d_in": 8, "d_sae": 16})
     with pytest.raises(ConfigError, match="CLIP backbone.*dinov2"):
         train(cfg)
