@@ -38,8 +38,8 @@ class TokenLayout:
         if self.patch_start + self.n_patches > self.n_tokens - self.n_prompts:
             raise BackboneError(
                 f"invalid token layout {self}: patch_start + grid cells "
-                f"({self.patch_start} + {self.n_patches}) exceeds the "
-                f"{self.n_tokens - self.n_prompts} tokens before the {self.n_prompts} prompts"
+                f"({self.patch_start} + {self.n_patches}) exceeds n_tokens {self.n_tokens}"
+                + (f" less the {self.n_prompts} prompt tokens" if self.n_prompts else "")
             )
         special = ([] if self.cls_index is None else [self.cls_index]) + list(self.extra_indices)
         patches = self.patch_indices
