@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -750,4 +751,20 @@ def test_pickled_state_is_refused_outside_placeholders_and_ordered_dicts(tmp_pat
     assert read_pickled_checkpoint(hand)[1].__dict__ == {i: None for i in range(2**14)}
     hand.write_bytes(b"\x80\x02](" + metadata + b"u" + one * 64 + b"e.")
     with pytest.raises(PickleRefused, match="OrderedDict attributes.*copy budget"):
+        read_pickled_checkpoint(hand)
+
+
+def test_defaultdict_of_dict_becomes_a_plain_dict_and_other_factories_are_refused(tmp_path):
+    """Pickled optimiser state (``Optimizer.state``) is a ``defaultdict(dict)``."""
+    state = collections.defaultdict(dict, {0: {"momentum_buffer": torch.ones(3)}})
+    found = read_pickled_checkpoint(write_pickle(tmp_path / "opt.pt", {"state": state}, "zip"))
+    assert type(found["state"]) is dict and torch.equal(
+        found["state"][0]["momentum_buffer"], torch.ones(3)
+    )
+    path = write_pickle(tmp_path / "list.pt", collections.defaultdict(list), "zip")
+    with pytest.raises(PickleRefused, match="refused global builtins.list"):
+        read_pickled_checkpoint(path)
+    hand = tmp_path / "call.pkl"
+    hand.write_bytes(b"c__builtin__\ndict\n)R.")
+    with pytest.raises(PickleRefused, match="not a readable checkpoint"):
         read_pickled_checkpoint(hand)

@@ -5,8 +5,9 @@ produce: the zip archive (``data.pkl`` + ``data/<key>`` storages), the legacy st
 protocol, system info, object, storage keys, raw storages) and a plain pickle, optionally gzipped.
 The unpickler resolves globals only from an explicit allow-list:
 
-- plain containers (``collections.OrderedDict``, ``set``, ``frozenset``), ``torch.device``,
-  ``torch.Size``, torch dtypes and storage types;
+- plain containers (``collections.OrderedDict``, ``set``, ``frozenset``; a
+  ``collections.defaultdict(dict)``, as pickled optimiser state holds, becomes a plain ``dict``),
+  ``torch.device``, ``torch.Size``, torch dtypes and storage types;
 - tensor rebuilding (``torch._utils._rebuild_tensor_v2``, ``_rebuild_tensor``,
   ``_rebuild_parameter``, ``torch.storage._load_from_bytes``), re-implemented here over storages
   read by this module, with bounds checks;
@@ -298,6 +299,18 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data
 
 
+_DICT_FACTORY = object()
+"""What ``builtins.dict`` resolves to: an inert marker, only accepted as a defaultdict factory."""
+
+
+def _plain_dict(factory: Any = None) -> dict:
+    """``collections.defaultdict(dict)`` rebuilt as an empty plain dict (filled by SETITEMS); the
+    factory is never called."""
+    if factory is not None and factory is not _DICT_FACTORY:
+        raise PickleRefused("collections.defaultdict is only allowed with dict as its factory")
+    return {}
+
+
 def _placeholder_class(module: str, name: str, budget: _Budget) -> type[Placeholder]:
     return type(
         name, (Placeholder,), {"pickled_module": module, "pickled_name": name, "budget": budget}
@@ -367,6 +380,10 @@ class _Unpickler(pickle._Unpickler):
         }
         if key in fixed:
             return fixed[key]
+        if key == ("builtins", "dict"):
+            return _DICT_FACTORY
+        if key == ("collections", "defaultdict"):
+            return _plain_dict
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         if module == "torch" and name in TORCH_DTYPES:

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_images: int = 128
     batch_tokens: int = 4096
     window_images: int = 64
-    tokens: Literal["all", "cls", "patches"] = "all"
+    tokens: Literal["all", "all_with_prompts", "cls", "patches"] = "all"
     total_images: int | None = 2_621_440
     total_tokens: int | None = None
     lr: float = 4e-4
