@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "patchsae.extract",
     "patchsae.train.cli",
     "patchsae.metrics.cli",
+    "patchsae.stats.cli",
     "patchsae.explore.cli",
 )
 
