@@ -145,7 +145,11 @@ def test_latent_view_mask_lights_the_right_patch(tiny, explorer):
     cell = mask.shape[0] // 4
     for r in range(4):
         for c in range(4):
-            block = (slice(r * cell + 2, (r + 1) * cell - 2), slice(c * cell + 2, (c + 1) * cell - 2))
+            rows, cols = (
+                slice(r * cell + 2, (r + 1) * cell - 2),
+                slice(c * cell + 2, (c + 1) * cell - 2),
+            )
+            block = (rows, cols)
             kept = np.allclose(mask[block], shown[block], atol=1)
             assert kept == bool(fires[r, c]), (r, c)
     stats = base["datasets"][0]
@@ -240,9 +244,7 @@ def test_eight_concurrent_sessions_keep_their_own_state(explorer):
     expected = []
     for image, (x, y) in zip(images, clicks, strict=True):
         answer = explorer.encode(png(image))
-        expected.append(
-            (answer["top"], explorer.click(answer["session"], x, y), answer["image"])
-        )
+        expected.append((answer["top"], explorer.click(answer["session"], x, y), answer["image"]))
     results: list = [None] * 8
     barrier = threading.Barrier(8)
 

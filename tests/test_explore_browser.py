@@ -26,16 +26,16 @@ from patchsae.explore.core import open_model  # noqa: E402
 from patchsae.explore.explorer import Explorer  # noqa: E402
 from tiny_atlas import build_atlas  # noqa: E402
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which(
-    "chromium-browser"
+CHROMIUM = (
+    os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 )
-ARTIFACTS = Path(
-    os.environ.get("PATCHSAE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")
-)
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("PATCHSAE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        CHROMIUM is None, reason="no Chromium executable: apt-get install chromium (or set CHROMIUM)"
+        CHROMIUM is None,
+        reason="no Chromium executable: apt-get install chromium (or set CHROMIUM=PATH)",
     ),
 ]
 
@@ -49,9 +49,7 @@ def explorer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(explorer):
     with running(explorer) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox"]
-        )
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         page.set_default_timeout(30_000)
         page.base_url = url

@@ -14,8 +14,9 @@ SHAPES = [(64, 64), (96, 40), (40, 96), (33, 250), (500, 301), (20, 12)]
 
 
 def processors():
-    yield "clip", CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    yield (
+        "clip",
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
     )
     yield "vit", ViTImageProcessor(size={"height": 32, "width": 48})
     if DINOV2.is_dir():
@@ -53,7 +54,8 @@ def test_spot_lands_where_the_box_says(wh):
 
 
 def test_patch_at_edges_and_outside():
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    crop = {"height": 32, "width": 32}
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=crop)
     box = input_box(processor, (32, 32), (200, 100))  # crop keeps x in 50..150
     assert box.left == pytest.approx(50) and box.right == pytest.approx(150)
     assert box.patch_at(49.9, 50, (4, 4)) is None

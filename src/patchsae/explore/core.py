@@ -206,7 +206,8 @@ def patch_latents(codes: SparseCodes, layout: TokenLayout, row: int, col: int) -
 
 
 def group_latents(base: list[int], adapted: list[int]) -> dict[str, list[int]]:
-    """Split two top-latent lists into ``common`` (in base order), ``base_only``, ``adapted_only``."""
+    """Split two top-latent lists into ``common`` (in base order), ``base_only`` and
+    ``adapted_only`` (each in its own list's order)."""
     in_base, in_adapted = set(base), set(adapted)
     return {
         "common": [j for j in base if j in in_adapted],
@@ -220,9 +221,7 @@ def ranked(values_m: np.ndarray, k: int) -> list[dict[str, float]]:
     return [{"latent": j, "value": v} for j, v in top_latents(values_m, k)]
 
 
-def latent_mask(
-    encoded: Encoded, model: Model, latent: int, style: str = "heat"
-) -> np.ndarray:
+def latent_mask(encoded: Encoded, model: Model, latent: int, style: str = "heat") -> np.ndarray:
     """(h, w, 3) uint8: latent ``latent``'s patch activations drawn over the display image."""
     if not 0 <= latent < model.sae.cfg.d_sae:
         raise ExploreError(f"latent {latent} is outside 0..{model.sae.cfg.d_sae - 1}")
