@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "patchsae.metrics.cli",
     "patchsae.stats.cli",
     "patchsae.explore.cli",
+    "patchsae.quickstart",
 )
 
 

@@ -17,14 +17,19 @@ def build_explorer(args: argparse.Namespace):  # -> Explorer
     return Explorer(models, max_sessions=args.max_sessions)
 
 
-def _run(args: argparse.Namespace) -> int:
+def serve_explorer(explorer, host: str, port: int) -> None:
+    """Serve ``explorer`` until interrupted; a missing ``explore`` extra is a one-line error."""
     from patchsae.explore.core import ExploreError
 
     try:
         from patchsae.explore.server import serve
     except ImportError as err:
         raise ExploreError(f"{EXTRA_HINT} ({err})") from None
-    serve(build_explorer(args), host=args.host, port=args.port)
+    serve(explorer, host=host, port=port)
+
+
+def _run(args: argparse.Namespace) -> int:
+    serve_explorer(build_explorer(args), args.host, args.port)
     return 0
 
 

@@ -54,10 +54,10 @@ class Explorer:
             raise ExploreError("the explorer shows one model, or a base and an adapted model")
         base = models[0]
         for other in models[1:]:
-            if other.layout != base.layout or other.sae.cfg.d_sae != base.sae.cfg.d_sae:
+            if other.layout.grid != base.layout.grid or other.sae.cfg.d_sae != base.sae.cfg.d_sae:
                 raise ExploreError(
-                    f"model {other.name!r} has another token layout or d_sae than {base.name!r}; "
-                    "side by side needs SAEs of the same size on the same backbone"
+                    f"model {other.name!r} has another patch grid or d_sae than {base.name!r}; "
+                    "side by side needs SAEs of the same size on models with the same patches"
                 )
         self.models = models
         self.by_name = {m.name: m for m in models}
@@ -128,13 +128,13 @@ class Explorer:
     def click(self, session: str, fx: float, fy: float) -> dict[str, Any]:
         """Top latents of the patch under a click at fractions (fx, fy) of the image."""
         encoded = self.sessions.get(session)
-        layout = self.models[0].layout
-        where = patch_at(fx, fy, encoded.size_wh, encoded.box, layout.grid)
+        grid = self.models[0].layout.grid
+        where = patch_at(fx, fy, encoded.size_wh, encoded.box, grid)
         if where is None:
             return {"patch": None, "message": "outside the part of the image the model sees"}
         row, col = where
         values = {
-            m.name: patch_latents(encoded.codes[m.name], layout, row, col) for m in self.models
+            m.name: patch_latents(encoded.codes[m.name], m.layout, row, col) for m in self.models
         }
         return {"patch": [row, col], **self._side_by_side(values)}
 
