@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -472,13 +473,14 @@ def test_only_rank_zero_evaluates(store: Path, tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(ddp, "average_gradients_", lambda module, d: None)
     monkeypatch.setattr(ddp, "barrier", lambda d: None)
     settings = {"total_images": 8, "eval_images": 4, "eval_every": 1}
-    trainer._train(
-        config(store, tmp_path / "r1", **settings), False, ddp.Dist(1, 2, torch.device("cpu"))
-    )
-    assert scored == []
-    trainer._train(
-        config(store, tmp_path / "r0", **settings), False, ddp.Dist(0, 1, torch.device("cpu"))
-    )
+    for name, d in [
+        ("r1", ddp.Dist(1, 2, torch.device("cpu"))),
+        ("r0", ddp.Dist(0, 1, torch.device("cpu"))),
+    ]:
+        with contextlib.ExitStack() as held:
+            trainer._train(config(store, tmp_path / name, **settings), False, d, held)
+        if name == "r1":
+            assert scored == []
     assert len(scored) == 3
 
 

@@ -17,10 +17,8 @@ either a complete shard or files that are rewritten on resume.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,10 @@ import torch
 
 from patchsae.atomic import TMP_SUFFIX, atomic_file, write_json
 from patchsae.backbones import TokenLayout
-from patchsae.data.images import BadRecord, write_bad_report
+from patchsae.data.images import LEGACY_DATA_DEFAULTS, BadRecord, write_bad_report
+from patchsae.lock import LOCK, FolderLock
 
 FORMAT_VERSION = 1
-LOCK = ".lock"
 METADATA = "metadata.json"
 EXAMPLE_IDS = "example_ids.npy"
 LABELS = "labels.npy"
@@ -232,24 +230,18 @@ class ShardWriter:
         return entry
 
 
-_LOCKED: set[Path] = set()
-_LOCKED_GUARD = threading.Lock()
-
-
 class StoreWriter:
     """Creates or resumes a store folder for a fixed ``plan`` (the metadata known before the run).
 
     Opening a folder that holds a store of another plan raises :class:`StoreError` naming the keys
-    that differ. While the writer is open, ``root/.lock`` holds a POSIX record lock (``lockf``):
-    it belongs to this process only, so forked DataLoader workers do not keep it after a kill.
-    A second writer on the same folder, in this process or another, is refused.
+    that differ. While the writer is open, the folder is locked (``patchsae.lock.FolderLock``):
+    a second writer on the same folder, in this process or another, is refused.
     """
 
     def __init__(self, root: str | os.PathLike, plan: dict[str, Any]) -> None:
         self.root = Path(root)
         self.plan = plan
-        self._lock_fd = -1
-        self._locked: Path | None = None
+        self._folder_lock: FolderLock | None = None
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"--out {self.root} is a file, not a folder; pass a store folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -261,22 +253,11 @@ class StoreWriter:
             raise
 
     def _lock(self) -> None:
-        lock_path = (self.root / LOCK).resolve()
         busy = StoreError(
             f"another process (or another writer in this process) is writing to {self.root}; "
             "wait for it or use another --out"
         )
-        with _LOCKED_GUARD:
-            if lock_path in _LOCKED:
-                raise busy
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise busy from None
-            _LOCKED.add(lock_path)
-        self._lock_fd, self._locked = fd, lock_path
+        self._folder_lock = FolderLock(self.root, busy)
 
     def _check_folder(self) -> bool:
         """Compare with or create ``metadata.json``; True when the store is complete on disk."""
@@ -293,6 +274,10 @@ class StoreWriter:
         existing = _read_metadata(meta_path)
         previous = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
         diff = differing_keys(previous, self.plan)
+        legacy = {f"data.{k}" for k in LEGACY_DATA_DEFAULTS if k not in previous.get("data", {})}
+        if diff and set(diff) <= legacy:
+            # written before these options existed: resumed as it was made (see data_option)
+            self.plan, diff = previous, []
         if diff and set(diff) <= set(NAME_KEYS):
             flat = _flatten(previous)
             was = ", ".join(f"{k}={flat.get(k)!r}" for k in diff)
@@ -319,19 +304,19 @@ class StoreWriter:
 
     def close(self) -> None:
         """Release the lock (idempotent)."""
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-        if self._locked is not None:
-            with _LOCKED_GUARD:
-                _LOCKED.discard(self._locked)
-            self._locked = None
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def data_option(self, key: str) -> Any:
+        """The store's ``data.<key>``; a store written before ``key`` existed gives the legacy
+        value it was made with (``LEGACY_DATA_DEFAULTS``)."""
+        return self.plan["data"].get(key, LEGACY_DATA_DEFAULTS.get(key))
 
     def shard_entry(self, k: int) -> dict[str, Any] | None:
         """The entry of shard ``k`` if the shard is complete on disk (files exist, sizes match)."""

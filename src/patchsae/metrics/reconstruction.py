@@ -52,12 +52,14 @@ class _Sums:
 
 
 def _position_groups(layout: TokenLayout) -> dict[str, list[int]]:
-    """Token positions per group: cls (if any), patches, registers (if any)."""
+    """Token positions per group: cls (if any), patches, registers and prompts (if any)."""
     groups = {"patch": list(layout.patch_indices)}
     if layout.cls_index is not None:
         groups["cls"] = [layout.cls_index]
     if layout.extra_indices:
         groups["register"] = list(layout.extra_indices)
+    if layout.n_prompts:
+        groups["prompt"] = list(layout.prompt_indices)
     return groups
 
 

@@ -20,6 +20,7 @@ images through the CLIP backbone (rank 0 only).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -32,8 +33,10 @@ import torch
 from tqdm import tqdm
 
 from patchsae.atomic import json_ready, write_json, write_text
+from patchsae.backbones.loading import check_device
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
+from patchsae.lock import FolderLock
 from patchsae.metrics.fidelity import FidelityError, FidelityScorer
 from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
@@ -377,17 +380,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     is none), refusing a config that differs from the saved one. Under ``torchrun`` each process
     trains on its slice of every global batch; only rank 0 writes.
     """
+    check_device(cfg.device)
     d = ddp.setup(cfg.device)
     clean = False
     try:
-        out = _train(cfg, resume, d)
+        with contextlib.ExitStack() as held:
+            out = _train(cfg, resume, d, held)
         clean = True
         return out
     finally:
         ddp.teardown(d, clean)
 
 
-def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
+def _lock_out(out: Path) -> FolderLock:
+    """Create the run folder ``out`` and lock it for this process (rank 0) for the whole run."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"out={out} is a file, not a folder: choose a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    busy = TrainingError(
+        f"another train process is writing to {out}; wait for it to finish, or choose another out="
+    )
+    return FolderLock(out, busy)
+
+
+def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitStack) -> Path:
+    """The run; ``held`` keeps the run folder's lock (rank 0) until the caller's exit."""
     out = Path(cfg.out)
     source = open_source(cfg, d.device)
     _check_compatible(cfg, source, d.world_size)
@@ -402,6 +419,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         tokens_per_step = cfg.batch_tokens
     n_steps = plan_steps(cfg, tpi)
     members = _build_members(cfg, d.device, tokens_per_step)
+    if d.is_main:
+        held.enter_context(_lock_out(out))
     state = _prepare_out(cfg, resume)
     ddp.barrier(d)
     if d.is_main:
