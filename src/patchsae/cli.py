@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "patchsae.metrics.cli",
     "patchsae.stats.cli",
     "patchsae.verify",
+    "patchsae.explore.cli",
+    "patchsae.quickstart",
 )
 
 
