@@ -22,6 +22,9 @@ COMMAND_MODULES = (
     "patchsae.train.cli",
     "patchsae.metrics.cli",
     "patchsae.stats.cli",
+    "patchsae.verify",
+    "patchsae.explore.cli",
+    "patchsae.quickstart",
 )
 
 
