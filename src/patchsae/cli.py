@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "patchsae.train.cli",
     "patchsae.metrics.cli",
     "patchsae.stats.cli",
+    "patchsae.adapt.cli",
 )
 
 
