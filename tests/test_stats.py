@@ -496,3 +496,221 @@ def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -
     j, s = np.argwhere(filled)[0]
     assert ds.thumbnail(j, s, mask="darken").shape == (16, 16, 3)
     assert ds.mask(j, s).shape == (4, 4)
+
+
+def test_on_the_fly_activations_equal_the_store_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from patchsae.data import DataConfig
+    from patchsae.extract import ExtractConfig, extract
+    from tiny_models import save_tiny_vit
+
+    model = save_tiny_vit(
+        tmp_path / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8
+    )
+    rng = np.random.default_rng(1)
+    for c in ("a", "b", "c"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (24, 20 + i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "2.png").write_bytes(b"broken")
+    data = DataConfig(source=str(tmp_path / "imgs"))
+    store = extract(
+        ExtractConfig(
+            model=str(model),
+            data=data,
+            layers=(1,),
+            batch_size=4,
+            out=str(tmp_path / "store"),
+            shard_images=8,
+            dtype="fp32",
+            num_workers=0,
+        )
+    )
+    torch.manual_seed(0)
+    sae_dir = save(make_sae(SAEConfig(d_in=16, d_sae=12)), tmp_path / "sae")
+    common = dict(sae=str(sae_dir), out=str(tmp_path / "atlas"), top_k=3, batch_images=4)
+    compute_stats(StatsConfig(**common, store=str(store), name="from-store"))
+    compute_stats(StatsConfig(**common, model=str(model), data=data, layer=1, name="on-the-fly"))
+    atlas = Atlas.open(tmp_path / "atlas")
+    a, b = atlas.dataset("from-store"), atlas.dataset("on-the-fly")
+    assert a.meta["n_images"] == b.meta["n_images"] == 14 and b.meta["n_bad"] == 1
+    assert a.meta["data"]["fingerprint"] == b.meta["data"]["fingerprint"]
+    for key in ("image_freq", "patch_token_freq", "class_counts", "top_example_ids"):
+        np.testing.assert_array_equal(a.array(key), b.array(key), err_msg=key)
+    for key in ("mean_act", "top_values", "top_grids", "thumbs"):
+        np.testing.assert_allclose(a.array(key), b.array(key), rtol=1e-5, atol=1e-3, err_msg=key)
+    store_rows = a.array("top_index")
+    np.testing.assert_array_equal(b.array("top_index"), b.array("top_example_ids"))
+    assert (store_rows != a.array("top_example_ids")).any()  # rows after the bad image shift
+
+
+@pytest.fixture(scope="module")
+def labelled_atlas(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("plots")
+    store, sae_dir, acts = make_inputs(root)
+    compute_stats(
+        StatsConfig(
+            sae=str(sae_dir), out=str(root / "atlas"), store=str(store), thumbnails=False, top_k=K
+        )
+    )
+    return Atlas.open(root / "atlas").dataset(), brute_force(
+        acts, np.load(store / "labels.npy"), sae_dir
+    )
+
+
+def test_scatter_points_and_heatmap_matrix_match_brute_force(labelled_atlas) -> None:
+    from patchsae.stats.plot import heatmap_matrix, scatter_points
+
+    ds, want = labelled_atlas
+    pts = scatter_points(ds)
+    fired = np.flatnonzero(want["image_freq"] > 0)
+    assert pts["latent"].tolist() == fired.tolist()
+    np.testing.assert_allclose(pts["log_freq"], np.log10(want["image_freq"][fired]))
+    np.testing.assert_allclose(pts["log_act"], np.log10(want["mean_act_fired"][fired]))
+    counts = want["class_counts"][:, fired]
+    assert pts["top_class"].tolist() == np.where(counts.max(0) > 0, counts.argmax(0), -1).tolist()
+    share, columns = heatmap_matrix(ds, per_class=2)
+    expected_cols: list[int] = []
+    for c in range(len(CLASSES)):
+        best = np.lexsort((np.arange(M), -want["class_counts"][c]))[:2]
+        expected_cols += [
+            int(j) for j in best if want["class_counts"][c, j] > 0 and j not in expected_cols
+        ]
+    assert columns == expected_cols
+    cc = want["class_counts"][:, columns]
+    np.testing.assert_allclose(share, cc / cc.sum(0))
+
+
+def test_scatter_png_and_offline_html(labelled_atlas, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("plotly")
+    from PIL import Image
+
+    from patchsae.stats.plot import heatmap, scatter
+
+    ds, want = labelled_atlas
+    png = np.asarray(Image.open(scatter(ds, tmp_path / "fig3.png")).convert("RGB"))
+    assert png.shape[0] > 200 and len(np.unique(png.reshape(-1, 3), axis=0)) > 20
+    html = scatter(ds, tmp_path / "fig3.html").read_text()
+    j = int(np.flatnonzero(want["image_freq"] > 0)[-1])
+    top = CLASSES[int(want["class_counts"][:, j].argmax())]
+    assert f"latent {j}\\u003cbr\\u003etop class: {top}" in html
+    assert '<script src="http' not in html and "plotly.js" in html.lower()
+    heat = heatmap(ds, tmp_path / "heat.html").read_text()
+    assert all(name in heat for name in CLASSES)
+    assert (
+        main(
+            [
+                "plot",
+                "heatmap",
+                "--atlas",
+                str(ds.root.parent.parent),
+                "--out",
+                str(tmp_path / "h.png"),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "h.png").size[0] > 100
+
+
+def test_reference_grid_and_mask_of_any_image(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from patchsae.backbones import load_backbone
+    from patchsae.data import DataConfig
+    from patchsae.extract import ExtractConfig, extract
+    from patchsae.sae import load
+    from patchsae.stats.views import upsample_grid, view_box
+    from tiny_models import save_tiny_vit
+
+    model = save_tiny_vit(
+        tmp_path / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8
+    )
+    rng = np.random.default_rng(2)
+    (tmp_path / "imgs" / "x").mkdir(parents=True)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "imgs" / "x" / f"{i}.png")
+    store = extract(
+        ExtractConfig(
+            model=str(model),
+            data=DataConfig(source=str(tmp_path / "imgs")),
+            layers=(1,),
+            out=str(tmp_path / "store"),
+            dtype="fp32",
+            batch_size=2,
+            shard_images=2,
+            num_workers=0,
+        )
+    )
+    torch.manual_seed(0)
+    sae_dir = save(make_sae(SAEConfig(d_in=16, d_sae=8)), tmp_path / "sae")
+    compute_stats(
+        StatsConfig(
+            sae=str(sae_dir), out=str(tmp_path / "atlas"), store=str(store), top_k=3, thumb_size=32
+        )
+    )
+    atlas = str(tmp_path / "atlas")
+    plain, masked = tmp_path / "refs.png", tmp_path / "refs_mask.png"
+    assert main(["plot", "refs", "--atlas", atlas, "--latents", "0", "1", "--out", str(plain)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "refs",
+                "--atlas",
+                atlas,
+                "--latents",
+                "0",
+                "1",
+                "--mask",
+                "darken",
+                "--out",
+                str(masked),
+            ]
+        )
+        == 0
+    )
+    a, b = (np.asarray(Image.open(p).convert("L"), dtype=float) for p in (plain, masked))
+    assert a.shape == b.shape and b.mean() < a.mean()  # darkened where latents are silent
+    image_path = tmp_path / "imgs" / "x" / "3.png"
+    out = tmp_path / "mask.png"
+    args = [
+        "plot",
+        "mask",
+        "--sae",
+        str(sae_dir),
+        "--model",
+        str(model),
+        "--layer",
+        "1",
+        "--image",
+        str(image_path),
+        "--latent",
+        "2",
+        "--mask",
+        "darken",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    got = np.asarray(Image.open(out))
+    backbone, sae = load_backbone(str(model)), load(sae_dir)
+    with torch.no_grad():
+        pixels = backbone.preprocess([Image.open(image_path).convert("RGB")])
+        codes = sae.encode(backbone.encode(pixels, 1)[0])
+    grid = codes[1:, 2].reshape(4, 4).numpy()
+    box = view_box(backbone.preprocessor, (40, 30))  # tested on its own above
+    assert np.allclose(box, (0, 0, 40, 30), atol=0.2)  # ViTImageProcessor stretches the image
+    mask = upsample_grid(grid, (40, 30), box)
+    original = np.asarray(Image.open(image_path).convert("RGB"))
+    assert got.shape == original.shape
+    on = mask > 0
+    assert on.any() and (~on).any()
+    assert (got[on] == original[on]).all()
+    np.testing.assert_allclose(got[~on], np.round(original[~on] * 0.25), atol=1)
+    assert main(["plot", "mask", "--sae", str(sae_dir)]) == 2

@@ -123,9 +123,15 @@ class AtlasDataset:
     def array(self, name: str) -> np.ndarray:
         """The memory-mapped array ``name`` (one of ``FILES``)."""
         if name not in self._maps:
-            if name not in self.meta["files"]:
+            file = self.meta["files"].get(name)
+            if file is None:
                 raise StatsError(f"dataset {self.name!r} has no {name!r} array")
-            path = self.root / self.meta["files"][name]
+            if file != f"{name}.npy":
+                raise StatsError(
+                    f"{self.root / DATASET_JSON} names {file!r} for {name!r}, not {name}.npy; "
+                    "the atlas is damaged: rerun patchsae stats"
+                )
+            path = self.root / file
             self._maps[name] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._maps[name]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from patchsae.config import load_config
@@ -62,8 +63,83 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plot(args: argparse.Namespace) -> int:
+    from patchsae.stats import plot
+    from patchsae.stats.accumulate import StatsError
+
+    if args.figure == "mask":
+        return _run_mask(args)
+    from patchsae.stats.atlas import Atlas
+
+    if args.atlas is None:
+        raise StatsError(f"plot {args.figure} needs --atlas DIR")
+    ds = Atlas.open(args.atlas).dataset(args.dataset)
+    out = Path(args.out or f"{args.figure}.png")
+    if out.suffix not in (".png", ".html") or (args.figure == "refs" and out.suffix != ".png"):
+        raise StatsError(f"--out {out}: use a .png file (scatter and heatmap: .png or .html)")
+    if args.figure == "scatter":
+        plot.scatter(ds, out)
+    elif args.figure == "heatmap":
+        plot.heatmap(ds, out, args.per_class)
+    else:
+        latents = args.latents or ds.low_entropy(0.0)[:8] or ds.dense(0.0)[:8]
+        plot.references(ds, latents, out, args.mask)
+    print(out)
+    return 0
+
+
+def _run_mask(args: argparse.Namespace) -> int:
+    from patchsae.backbones import load_backbone
+    from patchsae.data import load_rgb
+    from patchsae.sae import load
+    from patchsae.stats.accumulate import StatsError
+    from patchsae.stats.views import encode_image, latent_mask_picture, save_png
+
+    missing = [f for f in ("sae", "model", "layer", "image", "latent") if getattr(args, f) is None]
+    if missing:
+        raise StatsError(f"plot mask needs --{' --'.join(missing)}")
+    backbone = load_backbone(args.model, device=args.device or "cpu")
+    sae = load(args.sae, device=args.device or "cpu")
+    if sae.cfg.d_in != backbone.d_model:
+        raise StatsError(
+            f"the SAE reads d_in={sae.cfg.d_in}, the backbone has width {backbone.d_model}"
+        )
+    if not 0 <= args.latent < sae.cfg.d_sae:
+        raise StatsError(f"--latent {args.latent} is outside 0..{sae.cfg.d_sae - 1}")
+    image = load_rgb(args.image)
+    codes = encode_image(backbone, sae, backbone.resolve_layer(args.layer), image)
+    picture = latent_mask_picture(
+        image, codes, backbone.token_layout, args.latent, backbone.preprocessor, args.mask or "heat"
+    )
+    print(save_png(picture, args.out or "mask.png"))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``stats`` and ``atlas``."""
+    """Add ``stats``, ``atlas`` and ``plot``."""
+    f = subparsers.add_parser(
+        "plot",
+        help="figures from an atlas (scatter, refs, heatmap) or a latent's mask on an image",
+        description="scatter: the paper's Fig. 3 (log10 frequency vs log10 mean activation, "
+        "coloured by label entropy); refs: reference images of latents; heatmap: class x latent; "
+        "mask: a latent's activation on any image (needs --sae --model --layer --image "
+        "--latent). --out ending in .html writes an interactive plotly page that opens offline.",
+    )
+    f.add_argument("figure", choices=["scatter", "refs", "heatmap", "mask"])
+    f.add_argument("--atlas", help="atlas folder (scatter, refs, heatmap)")
+    f.add_argument("--dataset", help="dataset of the atlas (needed when it holds several)")
+    f.add_argument("--out", help="output file, .png or .html (default FIGURE.png)")
+    f.add_argument("--latents", type=int, nargs="+", help="refs: latent ids (default: low entropy)")
+    f.add_argument("--mask", choices=["heat", "darken"], help="refs, mask: mask style")
+    f.add_argument("--per-class", type=int, default=3, help="heatmap: latents per class")
+    f.add_argument("--sae", help="mask: SAE checkpoint")
+    f.add_argument("--model", help="mask: backbone")
+    f.add_argument("--layer", type=int, help="mask: block index")
+    f.add_argument("--image", help="mask: image file")
+    f.add_argument("--latent", type=int, help="mask: latent id")
+    f.add_argument("--device", help="mask: torch device (default cpu)")
+    f.set_defaults(func=_run_plot)
+
     p = subparsers.add_parser(
         "stats",
         help="per-latent statistics of an SAE over a dataset, written into an atlas",

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from patchsae.atomic import write_with
+from patchsae.backbones import TokenLayout
 
 Box = tuple[float, float, float, float]
 Preprocess = Callable[[Sequence[Image.Image]], torch.Tensor]
@@ -141,3 +143,35 @@ def save_png(array_hw3: np.ndarray, path: str | Path) -> Path:
     picture = Image.fromarray(np.ascontiguousarray(array_hw3, dtype=np.uint8))
     write_with(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path
+
+
+@torch.no_grad()
+def encode_image(backbone: Any, sae: Any, layer: int, image: Image.Image) -> torch.Tensor:
+    """codes (T, d_sae) float32 of one RGB ``image``: the backbone's preprocessing, its encode up
+    to block ``layer``, then the SAE (the path ``patchsae stats`` takes with ``model=``)."""
+    pixels = backbone.preprocessor([image])
+    acts = backbone.encode(pixels, layer)[0]
+    return sae.encode(acts.to(sae.W_enc.device)).float().cpu()
+
+
+def patch_grid(codes_tm: np.ndarray | torch.Tensor, layout: TokenLayout, latent: int) -> np.ndarray:
+    """(gh, gw) float32: latent ``latent`` over the patch tokens of codes (T, d_sae); CLS and
+    registers are left out."""
+    codes = np.asarray(codes_tm, dtype=np.float32)
+    return codes[list(layout.patch_indices), latent].reshape(layout.grid)
+
+
+def latent_mask_picture(
+    image: Image.Image,
+    codes_tm: np.ndarray | torch.Tensor,
+    layout: TokenLayout,
+    latent: int,
+    preprocess: Preprocess,
+    style: MaskStyle = "heat",
+) -> np.ndarray:
+    """(H, W, 3) uint8: the mask of ``latent`` drawn on the full ``image`` (the processor's crop
+    or stretch undone by :func:`view_box`)."""
+    rgb = image.convert("RGB")
+    grid = patch_grid(codes_tm, layout, latent)
+    mask = upsample_grid(grid, rgb.size, view_box(preprocess, rgb.size))
+    return render_mask(np.asarray(rgb), mask, style)
