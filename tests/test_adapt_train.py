@@ -33,6 +33,7 @@ from patchsae.backbones import load_backbone
 from patchsae.cli import main
 from patchsae.config import ConfigError, load_config
 from patchsae.data.images import DataConfig, open_images
+from patchsae.lock import FolderLock
 from tiny_models import tiny_clip
 
 GOLDEN = SHARED / "golden" / "maple"
@@ -266,6 +267,11 @@ def test_resume_refuses_another_config_and_finished_runs_do_nothing(tiny_folder,
     other = load_config(AdaptConfig, None, run_args(tiny_folder, out, "epochs=1", "lr=0.1"))
     with pytest.raises(AdaptError, match=r"differs from the saved one in \['config.lr'\]"):
         adapt_run(other, resume=True, progress=False)
+    with (
+        FolderLock(out, RuntimeError("held")),
+        pytest.raises(AdaptError, match="in use by another adapt run"),
+    ):
+        adapt_run(cfg, resume=True, progress=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file").write_text("x")
     with pytest.raises(AdaptError, match="not an adapt run"):

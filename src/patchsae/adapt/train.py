@@ -46,6 +46,7 @@ from patchsae.config import ConfigError, resolve_local, to_dict
 from patchsae.data.images import BadImage, DataConfig, image_batches, open_images
 from patchsae.data.shuffle import keyed_rng, seeded_order
 from patchsae.data.store import differing_keys
+from patchsae.lock import LOCK, FolderLock
 from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, build_prompts, zero_shot_classifier
 from patchsae.pixels import to_rgb
 
@@ -256,9 +257,8 @@ def _prepare_out(cfg: AdaptConfig, out: Path, plan: Plan, resume: bool) -> bool:
                 "saved settings or another out"
             )
         return (out / ADAPTER_JSON).is_file()
-    if out.exists() and any(out.iterdir()):
+    if any(p.name != LOCK for p in out.iterdir()):
         raise AdaptError(f"{out} exists and is not an adapt run: choose an empty or new out")
-    out.mkdir(parents=True, exist_ok=True)
     write_json(run_path, run)
     return False
 
@@ -341,9 +341,20 @@ def adapt_run(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> 
     out = Path(cfg.out)
     source = open_images(cfg.data)
     plan = make_plan(cfg, source)
-    if _prepare_out(cfg, out, plan, resume):
-        print(f"{out} is already complete; nothing to do")
-        return out
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"out {out} is a file: choose a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    busy = AdaptError(f"{out} is in use by another adapt run: wait for it or choose another out")
+    with FolderLock(out, busy):
+        if _prepare_out(cfg, out, plan, resume):
+            print(f"{out} is already complete; nothing to do")
+            return out
+        _train(cfg, out, source, plan, progress)
+    return out
+
+
+def _train(cfg: AdaptConfig, out: Path, source: Any, plan: Plan, progress: bool) -> None:
+    """The training loop, evaluation and the final adapter of :func:`adapt_run`."""
     base = load_backbone(cfg.model, device=cfg.device, tokenizer=cfg.tokenizer)
     base.model.requires_grad_(False)
     adapted = adapt(base, cfg.prompt, seed=cfg.seed)
@@ -407,4 +418,3 @@ def adapt_run(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> 
         extra={"training": {"run": RUN_JSON, "results": RESULTS_JSON}},
     )
     (out / CHECKPOINT).unlink(missing_ok=True)
-    return out
