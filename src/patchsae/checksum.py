@@ -2,9 +2,10 @@
 checkpoints), so that bytes changed in place are detected instead of silently read.
 
 A checksum is the string ``"blake2b:<32 hex digits>"`` (BLAKE2b, 16-byte digest, from
-``hashlib``: no extra dependency, about 1 GB/s on one core). Formats record it beside the file's
-name when the file is written; readers call :func:`file_problem` and treat a mismatch as damage.
-Files written before checksums existed have none recorded and are only checked for size.
+``hashlib``: no extra dependency; 250 MiB/s measured on one busy shared core). Formats record it
+beside the file's name when the file is written; readers call :func:`file_problem` and treat a
+mismatch as damage. Files written before checksums existed have none recorded and are only
+checked for size.
 """
 
 from __future__ import annotations
