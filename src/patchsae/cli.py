@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "patchsae.verify",
     "patchsae.explore.cli",
     "patchsae.quickstart",
+    "patchsae.adapt.cli",
 )
 
 
