@@ -1,7 +1,8 @@
 """``patchsae quickstart``: the whole pipeline in one command, resumable.
 
 extract (activation store of the train split) -> train (a small ReLU SAE on the store) ->
-stats (an atlas of the SAE over the store) -> explore (the web app on that atlas). Each step
+stats (an atlas of the SAE over the store) -> figures (the paper's plots of the atlas) ->
+explore (the web app on that atlas). Each step
 prints its output folder; run the same command again after an interruption and finished steps
 are skipped, unfinished ones resume (each stage's own resume). Defaults: CLIP ViT-B/16 and a
 small public dataset from the Hugging Face hub; ``--model`` and ``--data`` take local folders
@@ -106,7 +107,35 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     compute_stats(
         StatsConfig(sae=str(sae_dir), out=str(atlas), store=str(store), device=cfg.device)
     )
+    _step("figures", out / "figures")
+    for path in figures(atlas, out / "figures"):
+        print(path)
     return atlas
+
+
+def figures(atlas_dir: Path, folder: Path) -> list[Path]:
+    """The paper's figures of the atlas's dataset: Fig. 3 scatter (PNG and offline HTML), the
+    class x latent heatmap (labelled data) and reference grids of up to 8 low-entropy (else
+    dense) latents. Without matplotlib/plotly, one line says how to get them."""
+    from patchsae.stats import Atlas, StatsError, plot
+
+    ds = Atlas.open(atlas_dir).dataset()
+    jobs = [
+        lambda: plot.scatter(ds, folder / "scatter.png"),
+        lambda: plot.scatter(ds, folder / "scatter.html"),
+    ]
+    if ds.meta["has_labels"]:
+        jobs.append(lambda: plot.heatmap(ds, folder / "heatmap.png"))
+    latents = ds.low_entropy(0.0)[:8] or ds.dense(0.0)[:8]
+    if latents:
+        jobs.append(lambda: plot.references(ds, latents, folder / "references.png", "heat"))
+    made = []
+    try:
+        for job in jobs:
+            made.append(job())
+    except StatsError as err:
+        print(f"figures skipped: {err}")
+    return made
 
 
 def _trained_images(sae_dir: Path) -> int:

@@ -22,7 +22,7 @@ from patchsae.data.images import load_rgb
 from patchsae.pixels import BadImage
 from patchsae.sae import SAE, load
 from patchsae.stats import Atlas, token_set, top_latents
-from patchsae.stats.views import render_mask, upsample_grid
+from patchsae.stats.views import encode_image, render_mask, upsample_grid
 
 DISPLAY_SIDE = 512
 """Longest side (px) of the copy of an upload sent back to the browser."""
@@ -159,13 +159,11 @@ def image_level(codes_tm: torch.Tensor, layout: TokenLayout, include_cls: bool) 
     return codes_tm.index_select(0, tokens).mean(0)
 
 
-@torch.no_grad()
 def encode_codes(model: Model, image: Image.Image) -> torch.Tensor:
-    """(n_tokens, d_sae) SAE codes of one RGB image at the model's layer."""
-    pixels = model.backbone.preprocess([image])
+    """(n_tokens, d_sae) SAE codes of one RGB image at the model's layer (one forward at a
+    time per model, so concurrent uploads do not multiply the activations held)."""
     with model.lock:
-        acts = model.backbone.encode(pixels, model.layer)[0]
-        return model.sae.encode(acts).float()
+        return encode_image(model.backbone, model.sae, model.layer, image)
 
 
 def encode(models: list[Model], image: Image.Image) -> Encoded:
