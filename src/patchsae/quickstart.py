@@ -190,13 +190,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_explore:
         print(f"\ndone; browse it with: patchsae explore --atlas {atlas}")
         return 0
-    from patchsae.explore.cli import build_explorer, serve_explorer
+    from patchsae.explore.cli import serve_explorer
+    from patchsae.explore.core import open_model
+    from patchsae.explore.explorer import Explorer
 
     _step("explore", atlas)
-    explore_args = argparse.Namespace(
-        atlas=str(atlas), adapted=None, sae=None, model=None, device=args.device, max_sessions=64
-    )
-    serve_explorer(build_explorer(explore_args), host=args.host, port=args.port)
+    explorer = Explorer([open_model(atlas, device=args.device)])
+    serve_explorer(explorer, host=args.host, port=args.port)
     return 0
 
 

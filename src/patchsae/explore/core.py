@@ -77,6 +77,7 @@ def open_model(
             "the SAE the atlas was computed with (--sae)"
         )
     backbone = load_backbone(model_name, device=device)
+    _check_adapter(backbone, meta["backbone"].get("adapter"), atlas_dir)
     if backbone.d_model != loaded.cfg.d_in or backbone.token_layout != atlas.token_layout:
         raise ExploreError(
             f"backbone {model_name} (d_model={backbone.d_model}, layout "
@@ -87,6 +88,21 @@ def open_model(
     datasets = list(atlas.datasets.values())
     include_cls = all(ds.meta["options"].get("include_cls", True) for ds in datasets)
     return Model(name, backbone, loaded, int(meta["layer"]), atlas, include_cls)
+
+
+def _check_adapter(backbone: Backbone, adapter: dict | None, atlas_dir: str | Path) -> None:
+    """The atlas's prompt adapter (``backbone.adapter`` in atlas.json) must be the one loaded."""
+    learner_hash = getattr(backbone, "learner_hash", None)
+    got = None if learner_hash is None else learner_hash()
+    want = None if adapter is None else adapter.get("weights_sha256")
+    if got != want:
+        made_with = f"the {adapter['method']} adapter {want[:12]}" if adapter else "no adapter"
+        loaded = f"adapter {got[:12]}" if got else "no adapter"
+        raise ExploreError(
+            f"atlas {atlas_dir} was made with {made_with} but {backbone.name} has {loaded}: pass "
+            "the model the atlas was computed with (--model, or --adapted-model for --adapted; "
+            "an adapter folder written by patchsae.adapt.save_adapter)"
+        )
 
 
 @dataclass(frozen=True)
