@@ -1,6 +1,6 @@
 """``patchsae quickstart``: the whole pipeline in one command, resumable.
 
-extract (activation store of the train split) -> train (a small ReLU SAE on the store) ->
+extract (activation store of the train split) -> train (a small SAE on the store) ->
 stats (an atlas of the SAE over the store) -> figures (the paper's plots of the atlas) ->
 explore (the web app on that atlas). Each step
 prints its output folder; run the same command again after an interruption and finished steps
@@ -34,7 +34,9 @@ class QuickstartError(ValueError):
 @dataclass(frozen=True)
 class QuickstartConfig:
     """What the quickstart runs on. ``limit``: train images extracted (None: all);
-    ``expansion``: d_sae / d_model of the SAE; ``epochs``: passes over the store;
+    ``expansion``: d_sae / d_model of the SAE; ``arch``: ``topk`` (``k`` active latents per
+    token: sparse and readable after a few epochs) or ``relu`` (the paper's L1 recipe, which
+    needs far more images to become sparse); ``epochs``: passes over the store;
     ``image_column``: the image column of a hub dataset (local folders need none)."""
 
     out: str = "quickstart"
@@ -46,13 +48,17 @@ class QuickstartConfig:
     limit: int | None = 2000
     expansion: int = 8
     epochs: int = 4
+    arch: str = "topk"
+    k: int = 32
     l1_coefficient: float = 8e-5
     batch_size: int = 32
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.expansion < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("expansion, epochs and batch_size must be >= 1")
+        if min(self.expansion, self.epochs, self.batch_size, self.k) < 1:
+            raise ConfigError("expansion, epochs, batch_size and k must be >= 1")
+        if self.arch not in ("topk", "relu"):
+            raise ConfigError(f"arch must be 'topk' or 'relu', got {self.arch!r}")
 
 
 def _step(name: str, folder: Path) -> None:
@@ -149,12 +155,16 @@ def _trained_images(sae_dir: Path) -> int:
 
 
 def train_config(cfg: QuickstartConfig, store: Path, sae_dir: Path, n_images: int, d_model: int):
-    """The small ReLU SAE's ``TrainConfig``: ``cfg.epochs`` passes over the store's images."""
+    """The small SAE's ``TrainConfig``: ``cfg.epochs`` passes over the store's images."""
     from patchsae.sae import SAEConfig
     from patchsae.train.config import TrainConfig
 
     sae = SAEConfig(
-        arch="relu", d_in=d_model, d_sae=d_model * cfg.expansion, l1_coefficient=cfg.l1_coefficient
+        arch=cfg.arch,
+        d_in=d_model,
+        d_sae=d_model * cfg.expansion,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
     )
     return TrainConfig(
         store=str(store),
@@ -180,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
         layer=args.layer,
         limit=None if args.limit == 0 else args.limit,
         expansion=args.expansion,
+        arch=args.arch,
+        k=args.k,
         epochs=args.epochs,
         device=args.device,
     )
@@ -216,6 +228,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=-2, help="block index (default -2)")
     p.add_argument("--limit", type=int, default=2000, help="images extracted (0: all)")
     p.add_argument("--expansion", type=int, default=8, help="d_sae / d_model (default 8)")
+    p.add_argument("--arch", choices=("topk", "relu"), default="topk", help="SAE (default topk)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
     p.add_argument("--epochs", type=int, default=4, help="passes over the images (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-explore", action="store_true", help="stop after the atlas")

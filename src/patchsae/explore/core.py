@@ -170,9 +170,15 @@ def read_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def image_level(codes_tm: torch.Tensor, layout: TokenLayout, include_cls: bool) -> torch.Tensor:
-    """(d_sae,) image-level activations: mean over the atlas's token set (CLS, patches)."""
-    tokens = torch.tensor(token_set(layout, include_cls), device=codes_tm.device)
-    return codes_tm.index_select(0, tokens).mean(0)
+    """(d_sae,) image-level activations: mean over the atlas's token set (CLS, patches).
+
+    One matrix-vector product with the token set's weights (1 / its size): gathering the rows
+    first copies the whole (T, d_sae) matrix, which costs more than the SAE encode on a CPU.
+    """
+    tokens = token_set(layout, include_cls)
+    weights = torch.zeros(codes_tm.shape[0], dtype=codes_tm.dtype, device=codes_tm.device)
+    weights[tokens] = 1.0 / len(tokens)
+    return weights @ codes_tm
 
 
 def encode_codes(model: Model, image: Image.Image) -> torch.Tensor:
