@@ -5,6 +5,7 @@ Crafted checkpoint files live in ``test_adversarial.py``; hostile images in ``te
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -236,3 +237,62 @@ def test_saved_config_without_exif_option_compares_as_raw_pixels():
     assert config_differences(
         saved, {"data": {"source": "x", "exif_transpose": True}, "lr": 1.0}
     ) == ["data.exif_transpose"]
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_a_diverged_run_stops_on_non_finite_adam_state(tmp_path):
+    """lr=1e6: the loss stays finite (about 1e12) while Adam's second moment overflows to
+    inf; the run stops before any output holds it."""
+    acts = (np.random.default_rng(0).normal(size=(64, 5, 16)) * 3 + 1).astype(np.float32)
+    big = make_store(tmp_path / "s", acts)
+    cfg = settings(big, tmp_path / "run", sae={"d_in": 16, "d_sae": 64}, lr=1e6, log_every=4)
+    cfg.update(total_images=256, checkpoint_every=8)
+    with pytest.raises(TrainingError, match=r"diverged by step \d+: \d+ NaN/inf values") as err:
+        train(from_dict(TrainConfig, cfg))
+    assert "Lower lr" in str(err.value) and "checkpoint" in str(err.value)
+    assert not (tmp_path / "run" / "sae.safetensors").exists()
+
+
+def fake_metrics(fvu_by_step: dict[int, float], steps: list[int]):
+    def metrics(sae, batches, layout, device, progress):
+        steps.append(len(steps))
+        return {"fvu": fvu_by_step.get(len(steps) - 1, 0.5), "l0": 1.0}
+
+    return metrics
+
+
+def test_fvu_above_one_for_three_evaluations_is_warned(store, tmp_path, capsys, monkeypatch):
+    from patchsae.train import trainer
+
+    calls: list[int] = []
+    bad = {5: 2.0, 6: 3.0, 7: 4.0}  # evaluation k runs at step k (eval_every=1)
+    monkeypatch.setattr(trainer, "reconstruction_metrics", fake_metrics(bad, calls))
+    cfg = settings(store, tmp_path / "run", total_images=32, eval_images=4, eval_every=1)
+    cfg.update(checkpoint_every=4, batch_images=4)
+    out = train(from_dict(TrainConfig, cfg))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [r for r in lines if "warning" in r]
+    assert [r["step"] for r in warned] == [7]
+    text = warned[0]["warning"]
+    assert "held-out FVU has been above 1" in text and "since step 5" in text
+    assert f"last good checkpoint is {out / 'checkpoint'} (step 4)" in text
+    assert f"warning: {text}" in capsys.readouterr().out
+
+
+def test_every_latent_dead_for_three_log_lines_is_warned(store, tmp_path, capsys, monkeypatch):
+    from patchsae.metrics.firing import FiringWindow
+
+    monkeypatch.setattr(
+        FiringWindow, "fractions", lambda self: {"frac_dead": 1.0, "frac_almost_dead": 1.0}
+    )
+    out = train(from_dict(TrainConfig, settings(store, tmp_path / "run", checkpoint_every=100)))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [r for r in lines if "warning" in r]
+    assert [r["step"] for r in warned] == [3]
+    assert (
+        "every latent has been dead for 3 log lines in a row, since step 1" in warned[0]["warning"]
+    )
+    assert "No checkpoint was written before it" in warned[0]["warning"]
+    assert "warning: step 3" in capsys.readouterr().out

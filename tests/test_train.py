@@ -367,10 +367,10 @@ def test_damaged_checkpoint_is_a_clear_error_and_the_advice_works(
     state = json.loads((pristine / "trainer_state.json").read_text())
     del state["members"]
     cases = [
-        ("trainer_state.safetensors", "", "trainer_state.safetensors cannot be read"),
+        ("trainer_state.safetensors", "", "trainer_state.safetensors has changed"),
         ("trainer_state.json", "{", "trainer_state.json cannot be read"),
         ("trainer_state.json", json.dumps(state), r"trainer_state.json lacks \['members'\]"),
-        ("sae/sae.safetensors", "", "checkpoint/sae cannot be read"),
+        ("sae/sae.safetensors", "", "checkpoint/sae/sae.safetensors has changed"),
     ]
     for file, text, problem in cases:
         damage(file, text)

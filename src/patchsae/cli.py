@@ -22,8 +22,10 @@ COMMAND_MODULES = (
     "patchsae.train.cli",
     "patchsae.metrics.cli",
     "patchsae.stats.cli",
+    "patchsae.verify",
     "patchsae.explore.cli",
     "patchsae.quickstart",
+    "patchsae.adapt.cli",
 )
 
 

@@ -149,6 +149,8 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
         if writer.complete:
             print(f"{out} is already complete ({plan['n_planned']} images planned); nothing to do")
             return out
+        if writer.damage is not None:
+            print(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
         source.exif_transpose = writer.data_option("exif_transpose")
         if source.exif_transpose != cfg.data.exif_transpose:
             print(

@@ -1,7 +1,8 @@
 """SAE checkpoints: our versioned folder format, SAELens folders, original PatchSAE pickles.
 
 ``save(sae, dir)`` writes ``dir/sae.safetensors`` (the module's state dict) and ``dir/cfg.json``
-(``{"format": "patchsae-sae", "format_version": 1, "save_id", "sae": SAEConfig, **extra}``), each
+(``{"format": "patchsae-sae", "format_version": 1, "save_id", "sae": SAEConfig,
+"weights_checksum", **extra}``; ``load`` refuses weights whose checksum differs), each
 through a temporary file and ``os.replace``, weights first and cfg last. Both carry the same
 ``save_id``; until the new cfg is in place the previous weights stay readable as
 ``sae.previous.safetensors``, so an interrupted save leaves the previous checkpoint loadable.
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from patchsae.atomic import write_json, write_with
+from patchsae.checksum import file_checksum, file_problem
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
@@ -43,7 +45,7 @@ CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"
 ORIGINAL_CONFIG_MODULE = "src.sae_training.config"
-RESERVED_KEYS = ("format", "format_version", "save_id", "sae")
+RESERVED_KEYS = ("format", "format_version", "save_id", "sae", "weights_checksum")
 
 SUPPORTED = (
     "a patchsae folder (cfg.json + sae.safetensors, or the sae.safetensors path), "
@@ -178,7 +180,7 @@ def save(sae: SAE, dir: str | Path, extra: Mapping[str, Any] | None = None) -> P
     folder.mkdir(parents=True, exist_ok=True)
     _keep_previous(folder)
     write_with(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    write_json(folder / CFG, info)
+    write_json(folder / CFG, {**info, "weights_checksum": file_checksum(folder / WEIGHTS)})
     (folder / PREVIOUS).unlink(missing_ok=True)
     return folder
 
@@ -288,21 +290,42 @@ def _load_ours(folder: Path, info: dict[str, Any], device: Any) -> SAE:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder} has {CFG} but no {WEIGHTS}; both files are expected")
+    expected = info.get("weights_checksum")
+    if expected is not None:  # saved with a checksum: it alone decides which file is cfg.json's
+        problem = file_problem(weights, expected)
+        if problem is not None and file_problem(folder / PREVIOUS, expected) is None:
+            _warn_interrupted(folder)
+            weights = folder / PREVIOUS
+        elif problem is not None and _save_id(weights) != info.get("save_id"):
+            raise _different_saves(folder)
+        elif problem is not None:
+            raise CheckpointError(
+                f"{weights} {problem}: it was damaged after it was saved; use another copy or "
+                "save the SAE again"
+            )
+        return _build(cfg, _read_safetensors(weights)[0], str(weights), device)
     tensors, metadata = _read_safetensors(weights)
     if metadata.get("save_id") != info.get("save_id"):
         previous = folder / PREVIOUS
         if not (previous.is_file() and _save_id(previous) == info.get("save_id")):
-            raise CheckpointError(
-                f"{folder}: {WEIGHTS} and {CFG} come from different saves (an interrupted "
-                "save without the previous weights); save the SAE again"
-            )
-        warnings.warn(
-            f"{folder}: the last save was interrupted; loading the previous checkpoint",
-            stacklevel=3,
-        )
+            raise _different_saves(folder)
+        _warn_interrupted(folder)
         weights = previous
         tensors, _ = _read_safetensors(previous)
     return _build(cfg, tensors, str(weights), device)
+
+
+def _different_saves(folder: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{folder}: {WEIGHTS} and {CFG} come from different saves (an interrupted "
+        "save without the previous weights); save the SAE again"
+    )
+
+
+def _warn_interrupted(folder: Path) -> None:
+    warnings.warn(
+        f"{folder}: the last save was interrupted; loading the previous checkpoint", stacklevel=4
+    )
 
 
 def _load_original(path: Path, device: Any) -> SAE:

@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from patchsae.train.checkpoint import (
 )
 from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
+from patchsae.train.health import Watch, check_finite
 from patchsae.train.sources import open_source
 
 TRAIN_CONFIG = "train_config.json"
@@ -73,6 +74,7 @@ class Member:
     counters: torch.Tensor
     firing: FiringWindow
     out_dir: Path
+    watch: Watch = field(default_factory=Watch)
 
     @property
     def ckpt_name(self) -> str:
@@ -255,9 +257,12 @@ class _Logger:
         if not self.enabled:
             return
         _append_jsonl(m.out_dir / METRICS, record)
+        if "warning" in record:
+            tqdm.write(f"warning: {record['warning']}")
         if self.run is not None:
             prefix = f"{m.name}/" if m.name else ""
-            self.run.log({prefix + k: v for k, v in record.items()}, step=record["step"])
+            values = {prefix + k: v for k, v in record.items() if k != "warning"}
+            self.run.log(values, step=record["step"])
 
     def close(self) -> None:
         if self.run is not None:
@@ -368,6 +373,10 @@ def _evaluate(
                 m.sae, held_out, source.eval_layout, device=m.counters.device, progress=False
             )
             record.update({f"eval/{k}": v for k, v in metrics.items()})
+            diverging = progress["step"] > 0 and metrics["fvu"] > 1  # untrained SAEs may be > 1
+            warning = m.watch.observe("fvu", diverging, progress["step"], m.label, Path(cfg.out))
+            if warning:
+                record["warning"] = warning
         if fidelity is not None:
             record.update({f"eval/fidelity/{k}": v for k, v in fidelity(m.sae).items()})
         log.log(m, record)
@@ -390,6 +399,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return out
     finally:
         ddp.teardown(d, clean)
+
+
+def _lock_run(out: Path, d: ddp.Dist, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run folder for the whole run (``held``); every rank learns whether it
+    could, so a refused lock stops all ranks with one line instead of leaving them waiting."""
+    refused = None
+    if d.is_main:
+        try:
+            held.enter_context(_lock_out(out))
+        except TrainingError as err:
+            refused = err
+    locked = ddp.broadcast_(torch.tensor([refused is None], device=d.device), d)
+    if refused is not None:
+        raise refused
+    if not bool(locked.item()):
+        raise TrainingError(f"rank 0 could not lock the run folder {out}: see its error")
 
 
 def _lock_out(out: Path) -> FolderLock:
@@ -419,8 +444,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
         tokens_per_step = cfg.batch_tokens
     n_steps = plan_steps(cfg, tpi)
     members = _build_members(cfg, d.device, tokens_per_step)
-    if d.is_main:
-        held.enter_context(_lock_out(out))
+    _lock_run(out, d, held)
     state = _prepare_out(cfg, resume)
     ddp.barrier(d)
     if d.is_main:
@@ -464,13 +488,22 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             bar.update(1)
             bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
-            if progress["step"] % cfg.log_every == 0 or done:
+            logging = progress["step"] % cfg.log_every == 0 or done
+            saving = progress["step"] % cfg.checkpoint_every == 0 or done
+            if logging or saving:
+                for m in members:
+                    check_finite(m.sae, m.opt, progress["step"], m.label, out)
+            if logging:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
-                    log.log(m, {**head, **record, **m.firing.fractions(), "tokens_per_s": rate})
+                    line = {**head, **record, **m.firing.fractions(), "tokens_per_s": rate}
+                    warning = m.watch.observe(
+                        "dead", line["frac_dead"] >= 1.0, progress["step"], m.label, out
+                    )
+                    log.log(m, {**line, "warning": warning} if warning else line)
             if evaluating and d.is_main and (progress["step"] % cfg.eval_every == 0 or done):
                 _evaluate(cfg, members, source, fidelity, progress, log)
-            if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
+            if d.is_main and saving:
                 _checkpoint(cfg, members, progress, source)
     finally:
         bar.close()
