@@ -381,3 +381,23 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert len(lines) == 1 and "d_sae=40" in lines[0] and "Traceback" not in err
     assert main(argv[:-4] + ["ks=[-1]"]) == 2
     assert "ks must be" in capsys.readouterr().err
+
+
+def test_zero_shot_only_and_non_clip_refused(world, tmp_path):
+    from tiny_models import save_tiny_vit
+
+    out = classify(config(world, tmp_path / "zs", sae=None, atlas=None), progress=False)
+    rows = read_csv(out / "results.csv")
+    assert {r["condition"] for r in rows} == {"unspliced"} and len(rows) == 2
+    assert sum(int(r["n"]) for r in rows) == 10
+    vit = save_tiny_vit(tmp_path / "vit", 32, 2, 2, 32, 8)
+    with pytest.raises(ClassifyError, match="needs a CLIP"):
+        classify(config(world, tmp_path / "v", model=str(vit), sae=None), progress=False)
+
+
+def test_clip_imagenet_templates():
+    from patchsae.metrics.fidelity import CLIP_IMAGENET_TEMPLATES, build_prompts
+
+    assert len(set(CLIP_IMAGENET_TEMPLATES)) == 80
+    prompts = build_prompts(["tench"], CLIP_IMAGENET_TEMPLATES)
+    assert prompts[0] == "a bad photo of a tench." and "itap of my tench." in prompts
