@@ -401,6 +401,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         ddp.teardown(d, clean)
 
 
+def _lock_run(out: Path, d: ddp.Dist, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run folder for the whole run (``held``); every rank learns whether it
+    could, so a refused lock stops all ranks with one line instead of leaving them waiting."""
+    refused = None
+    if d.is_main:
+        try:
+            held.enter_context(_lock_out(out))
+        except TrainingError as err:
+            refused = err
+    locked = ddp.broadcast_(torch.tensor([refused is None], device=d.device), d)
+    if refused is not None:
+        raise refused
+    if not bool(locked.item()):
+        raise TrainingError(f"rank 0 could not lock the run folder {out}: see its error")
+
+
 def _lock_out(out: Path) -> FolderLock:
     """Create the run folder ``out`` and lock it for this process (rank 0) for the whole run."""
     if out.exists() and not out.is_dir():
@@ -428,8 +444,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
         tokens_per_step = cfg.batch_tokens
     n_steps = plan_steps(cfg, tpi)
     members = _build_members(cfg, d.device, tokens_per_step)
-    if d.is_main:
-        held.enter_context(_lock_out(out))
+    _lock_run(out, d, held)
     state = _prepare_out(cfg, resume)
     ddp.barrier(d)
     if d.is_main:
