@@ -274,3 +274,44 @@ def test_eight_concurrent_sessions_keep_their_own_state(explorer):
         assert top == expected[i][0] and shown == expected[i][2]
         assert all(c["patch"] == expected[i][1]["patch"] for c in clicked)
         assert all(c["top"] == expected[i][1]["top"] for c in clicked)
+
+
+@pytest.mark.shared
+def test_side_by_side_with_a_maple_adapted_clip(tiny, tmp_path):
+    """The adapted side is a MaPLe CLIP (prompt tokens after the patches) saved as an adapter
+    folder: its atlas opens through load_backbone and its patches line up with the base's."""
+    from assets import CLIP_TOKENIZER
+
+    if not CLIP_TOKENIZER.is_dir():
+        pytest.skip(f"CLIP tokenizer not found at {CLIP_TOKENIZER}")
+    from patchsae.adapt import PromptConfig, adapt, save_adapter
+
+    base = load_backbone(tiny["model"], tokenizer=CLIP_TOKENIZER)
+    maple = adapt(base, PromptConfig(depth=2))
+    with torch.no_grad():
+        for p in maple.learner.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    folder = save_adapter(
+        maple, tmp_path / "maple", base_model=str(tiny["model"]), tokenizer=str(CLIP_TOKENIZER)
+    )
+    adapted = build_atlas(tmp_path, seed=0, name="maple-atlas", model=folder)
+    with pytest.raises(ExploreError, match="made with the maple adapter .* has no adapter"):
+        open_model(adapted["atlas"])  # the atlas records only the base model's path
+    with pytest.raises(ExploreError, match="made with no adapter but .* has adapter"):
+        open_model(tiny["atlas"], model=str(folder))
+    adapted_model = open_model(adapted["atlas"], model=str(folder), name="adapted")
+    both = Explorer([open_model(tiny["atlas"]), adapted_model])
+    assert both.models[1].layout.n_tokens == both.models[0].layout.n_tokens + 2
+    image = photo(8)
+    answer = both.encode(png(image))
+    left, top, right, bottom = answer["box"]
+    fx, fy = left + (right - left) * 0.6, top + (bottom - top) * 0.3  # patch (1, 2)
+    clicked = both.click(answer["session"], fx, fy)
+    layout = both.models[1].layout
+    with torch.no_grad():
+        acts = maple.encode(maple.preprocess([image]), 1)[0]
+        codes = load(adapted["sae"]).encode(acts)
+    want = top_latents(codes[layout.patch_start + 1 * 4 + 2].numpy(), 10)
+    assert [e["latent"] for e in clicked["top"]["adapted"]] == [j for j, _ in want]
+    base_ids = [e["latent"] for e in clicked["top"]["base"]]
+    assert clicked["groups"] == group_latents(base_ids, [j for j, _ in want])

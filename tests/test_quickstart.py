@@ -53,8 +53,14 @@ def test_offline_end_to_end_then_resume(inputs, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(quickstart(model, images, out)) == 0
     printed = capsys.readouterr().out
-    for step, folder in (("extract", "store"), ("train", "sae"), ("stats", "atlas")):
+    steps = ("extract", "store"), ("train", "sae"), ("stats", "atlas"), ("figures", "figures")
+    for step, folder in steps:
         assert f"== {step}: {out / folder}" in printed
+    for figure in ("scatter.png", "scatter.html", "heatmap.png", "references.png"):
+        path = out / "figures" / figure
+        assert str(path) in printed
+        head = path.read_bytes()[:64]
+        assert head.startswith(b"\x89PNG") if figure.endswith("png") else b"<html" in head.lower()
     sae = load(out / "sae")
     assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
     atlas = Atlas.open(out / "atlas")

@@ -56,6 +56,13 @@ def make_inputs(root: Path, seed: int = 0, labels: bool = True) -> tuple[Path, P
     return store, save(sae, root / "sae"), acts
 
 
+def run_stats(store: Path, sae_dir: Path, out: Path, **options) -> Path:
+    """compute_stats from a store without thumbnails (top_k=K unless given)."""
+    options = {"top_k": K, **options}
+    cfg = StatsConfig(sae=str(sae_dir), store=str(store), out=str(out), thumbnails=False, **options)
+    return compute_stats(cfg)
+
+
 def brute_force(acts: np.ndarray, labels: np.ndarray, sae_dir: Path, include_cls: bool = True):
     """Every statistic from all codes at once, with the definitions of docs/atlas.md."""
     from patchsae.sae import load
@@ -95,15 +102,7 @@ def brute_force(acts: np.ndarray, labels: np.ndarray, sae_dir: Path, include_cls
 def test_every_statistic_matches_brute_force(tmp_path: Path) -> None:
     store, sae_dir, acts = make_inputs(tmp_path)
     labels = np.load(store / "labels.npy")
-    cfg = StatsConfig(
-        sae=str(sae_dir),
-        out=str(tmp_path / "atlas"),
-        store=str(store),
-        top_k=K,
-        thumbnails=False,
-        batch_images=5,
-    )
-    compute_stats(cfg)
+    run_stats(store, sae_dir, tmp_path / "atlas", batch_images=5)
     ds = Atlas.open(tmp_path / "atlas").dataset()
     want = brute_force(acts, labels, sae_dir)
     for key in ("image_freq", "cls_token_freq", "patch_token_freq", "mean_act", "mean_act_fired"):
@@ -142,33 +141,13 @@ def _class_means(acts: np.ndarray, labels: np.ndarray, sae_dir: Path) -> list[np
 def test_excluding_cls_and_max_aggregate(tmp_path: Path) -> None:
     store, sae_dir, acts = make_inputs(tmp_path, seed=1)
     labels = np.load(store / "labels.npy")
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "atlas"),
-            store=str(store),
-            top_k=K,
-            thumbnails=False,
-            include_cls=False,
-            name="nocls",
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "atlas", include_cls=False, name="nocls")
     ds = Atlas.open(tmp_path / "atlas").dataset("nocls")
     want = brute_force(acts, labels, sae_dir, include_cls=False)
     np.testing.assert_allclose(ds.array("image_freq"), want["image_freq"])
     np.testing.assert_array_equal(ds.array("top_index"), want["top_index"])
     np.testing.assert_array_equal(ds.array("class_counts"), want["class_counts"])
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "atlas"),
-            store=str(store),
-            top_k=K,
-            thumbnails=False,
-            aggregate="max",
-            name="max",
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "atlas", aggregate="max", name="max")
     from patchsae.sae import load
 
     with torch.no_grad():
@@ -220,15 +199,7 @@ def test_streaming_top_k_merge_equals_a_full_sort(data: list[list[int]], k: int,
 
 def test_store_without_labels_skips_class_statistics(tmp_path: Path, capsys) -> None:
     store, sae_dir, acts = make_inputs(tmp_path, labels=False)
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "atlas"),
-            store=str(store),
-            thumbnails=False,
-            top_k=K,
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "atlas")
     assert "class statistics skipped" in capsys.readouterr().out
     ds = Atlas.open(tmp_path / "atlas").dataset()
     assert ds.meta["has_labels"] is False and ds.array("class_counts").shape == (0, M)
@@ -259,15 +230,7 @@ def test_mismatches_are_refused_with_one_line(tmp_path: Path, capsys) -> None:
 def test_atlas_queries_from_a_fresh_process_without_the_data(tmp_path: Path) -> None:
     store, sae_dir, acts = make_inputs(tmp_path)
     labels = np.load(store / "labels.npy")
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "atlas"),
-            store=str(store),
-            thumbnails=False,
-            top_k=K,
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "atlas")
     want = brute_force(acts, labels, sae_dir)
     import shutil
 
@@ -322,17 +285,9 @@ def test_kill_9_then_rerun_gives_the_same_atlas(tmp_path: Path) -> None:
         "thumbnails=false",
         "batch_images=1",
         "export_tokens=true",
+        f"top_k={K}",
     ]
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "ref"),
-            store=str(store),
-            thumbnails=False,
-            batch_images=1,
-            export_tokens=True,
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "ref", batch_images=1, export_tokens=True)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -356,16 +311,7 @@ def test_kill_9_then_rerun_gives_the_same_atlas(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "datasets" / "store" / "image_freq.npy").exists()
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(out),
-            store=str(store),
-            thumbnails=False,
-            batch_images=1,
-            export_tokens=True,
-        )
-    )
+    run_stats(store, sae_dir, out, batch_images=1, export_tokens=True)
     ref = Atlas.open(tmp_path / "ref").dataset()
     got = Atlas.open(out).dataset()
     assert ref.meta["files"] == got.meta["files"]
@@ -380,16 +326,7 @@ def test_token_export_is_the_codes_of_every_token(tmp_path: Path) -> None:
     from patchsae.sae import load
 
     store, sae_dir, acts = make_inputs(tmp_path)
-    compute_stats(
-        StatsConfig(
-            sae=str(sae_dir),
-            out=str(tmp_path / "atlas"),
-            store=str(store),
-            thumbnails=False,
-            export_tokens=True,
-            batch_images=4,
-        )
-    )
+    run_stats(store, sae_dir, tmp_path / "atlas", export_tokens=True, batch_images=4)
     ds = Atlas.open(tmp_path / "atlas").dataset()
     matrix = scipy.sparse.load_npz(ds.root / ds.meta["files"]["tokens"])
     with torch.no_grad():
@@ -445,28 +382,31 @@ def test_bright_patch_lights_up_its_mask_on_the_original_image() -> None:
     assert (heat[mask == 0] == 40).all() and (heat[mask > 0] != 40).any(axis=-1).all()
 
 
-def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -> None:
+def vit_store(
+    root: Path, classes: dict[str, list[tuple[int, int]]], d_sae: int, seed: int
+) -> tuple[Path, Path, Path, Path]:
+    """A tiny ViT (32 px, 8 px patches: 4 x 4 grid, width 16), an ImageFolder of random RGB
+    images (``classes``: class -> (height, width) of each image), its fp32 store at block 1 and
+    an SAE (d_sae latents); returns (model, images, store, sae) folders."""
     from PIL import Image
 
-    from patchsae.data import DataConfig, open_images
+    from patchsae.data import DataConfig
     from patchsae.extract import ExtractConfig, extract
     from tiny_models import save_tiny_vit
 
-    model = save_tiny_vit(
-        tmp_path / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8
-    )
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(6):
-            pixels = rng.integers(0, 256, (20 + 3 * i, 30, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    model = save_tiny_vit(root / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8)
+    rng = np.random.default_rng(seed)
+    for c, sizes in classes.items():
+        (root / "imgs" / c).mkdir(parents=True, exist_ok=True)
+        for i, (h, w) in enumerate(sizes):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "imgs" / c / f"{i}.png")
     store = extract(
         ExtractConfig(
             model=str(model),
-            data=DataConfig(source=str(tmp_path / "imgs")),
+            data=DataConfig(source=str(root / "imgs")),
             layers=(1,),
-            out=str(tmp_path / "store"),
+            out=str(root / "store"),
             batch_size=4,
             shard_images=8,
             dtype="fp32",
@@ -474,7 +414,21 @@ def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -
         )
     )
     torch.manual_seed(0)
-    sae_dir = save(make_sae(SAEConfig(d_in=16, d_sae=8)), tmp_path / "sae")
+    return (
+        model,
+        root / "imgs",
+        store,
+        save(make_sae(SAEConfig(d_in=16, d_sae=d_sae)), root / "sae"),
+    )
+
+
+def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from patchsae.data import DataConfig, open_images
+
+    sizes = [(20 + 3 * i, 30) for i in range(6)]
+    _, images, store, sae_dir = vit_store(tmp_path, {"cat": sizes, "dog": sizes}, 8, 0)
     compute_stats(
         StatsConfig(
             sae=str(sae_dir), out=str(tmp_path / "atlas"), store=str(store), top_k=3, thumb_size=16
@@ -488,7 +442,7 @@ def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -
     thumb_ids = ds.array("thumb_example_ids")
     assert len(set(thumb_ids.tolist())) == len(thumb_ids) == ds.meta["n_thumbs"]
     np.testing.assert_array_equal(thumb_ids[top_thumb[filled]], eids[filled])
-    source = open_images(DataConfig(source=str(tmp_path / "imgs")))
+    source = open_images(DataConfig(source=str(images)))
     for row, eid in enumerate(thumb_ids):  # ViTImageProcessor stretches: the view is the image
         want = np.asarray(source.load(int(eid)).resize((16, 16), Image.Resampling.BICUBIC))
         diff = np.abs(ds.array("thumbs")[row].astype(int) - want)  # the probed box is within
@@ -499,43 +453,19 @@ def test_thumbnails_of_every_reference_from_an_extracted_store(tmp_path: Path) -
 
 
 def test_on_the_fly_activations_equal_the_store_path(tmp_path: Path) -> None:
-    from PIL import Image
-
     from patchsae.data import DataConfig
-    from patchsae.extract import ExtractConfig, extract
-    from tiny_models import save_tiny_vit
 
-    model = save_tiny_vit(
-        tmp_path / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8
-    )
-    rng = np.random.default_rng(1)
-    for c in ("a", "b", "c"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(5):
-            pixels = rng.integers(0, 256, (24, 20 + i, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
-    (tmp_path / "imgs" / "b" / "2.png").write_bytes(b"broken")
-    data = DataConfig(source=str(tmp_path / "imgs"))
-    store = extract(
-        ExtractConfig(
-            model=str(model),
-            data=data,
-            layers=(1,),
-            batch_size=4,
-            out=str(tmp_path / "store"),
-            shard_images=8,
-            dtype="fp32",
-            num_workers=0,
-        )
-    )
-    torch.manual_seed(0)
-    sae_dir = save(make_sae(SAEConfig(d_in=16, d_sae=12)), tmp_path / "sae")
+    sizes = [(24, 20 + i) for i in range(5)]
+    (tmp_path / "imgs" / "b").mkdir(parents=True)
+    (tmp_path / "imgs" / "b" / "5.png").write_bytes(b"broken")
+    model, images, store, sae_dir = vit_store(tmp_path, {"a": sizes, "b": sizes, "c": sizes}, 12, 1)
+    data = DataConfig(source=str(images))
     common = dict(sae=str(sae_dir), out=str(tmp_path / "atlas"), top_k=3, batch_images=4)
     compute_stats(StatsConfig(**common, store=str(store), name="from-store"))
     compute_stats(StatsConfig(**common, model=str(model), data=data, layer=1, name="on-the-fly"))
     atlas = Atlas.open(tmp_path / "atlas")
     a, b = atlas.dataset("from-store"), atlas.dataset("on-the-fly")
-    assert a.meta["n_images"] == b.meta["n_images"] == 14 and b.meta["n_bad"] == 1
+    assert a.meta["n_images"] == b.meta["n_images"] == 15 and b.meta["n_bad"] == 1
     assert a.meta["data"]["fingerprint"] == b.meta["data"]["fingerprint"]
     for key in ("image_freq", "patch_token_freq", "class_counts", "top_example_ids"):
         np.testing.assert_array_equal(a.array(key), b.array(key), err_msg=key)
@@ -621,34 +551,10 @@ def test_reference_grid_and_mask_of_any_image(tmp_path: Path) -> None:
     from PIL import Image
 
     from patchsae.backbones import load_backbone
-    from patchsae.data import DataConfig
-    from patchsae.extract import ExtractConfig, extract
     from patchsae.sae import load
     from patchsae.stats.views import upsample_grid, view_box
-    from tiny_models import save_tiny_vit
 
-    model = save_tiny_vit(
-        tmp_path / "vit", width=16, n_layers=2, heads=2, image_size=32, patch_size=8
-    )
-    rng = np.random.default_rng(2)
-    (tmp_path / "imgs" / "x").mkdir(parents=True)
-    for i in range(6):
-        pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "imgs" / "x" / f"{i}.png")
-    store = extract(
-        ExtractConfig(
-            model=str(model),
-            data=DataConfig(source=str(tmp_path / "imgs")),
-            layers=(1,),
-            out=str(tmp_path / "store"),
-            dtype="fp32",
-            batch_size=2,
-            shard_images=2,
-            num_workers=0,
-        )
-    )
-    torch.manual_seed(0)
-    sae_dir = save(make_sae(SAEConfig(d_in=16, d_sae=8)), tmp_path / "sae")
+    model, images, store, sae_dir = vit_store(tmp_path, {"x": [(30, 40)] * 6}, 8, 2)
     compute_stats(
         StatsConfig(
             sae=str(sae_dir), out=str(tmp_path / "atlas"), store=str(store), top_k=3, thumb_size=32
@@ -677,7 +583,7 @@ def test_reference_grid_and_mask_of_any_image(tmp_path: Path) -> None:
     )
     a, b = (np.asarray(Image.open(p).convert("L"), dtype=float) for p in (plain, masked))
     assert a.shape == b.shape and b.mean() < a.mean()  # darkened where latents are silent
-    image_path = tmp_path / "imgs" / "x" / "3.png"
+    image_path = images / "x" / "3.png"
     out = tmp_path / "mask.png"
     args = [
         "plot",
@@ -714,3 +620,72 @@ def test_reference_grid_and_mask_of_any_image(tmp_path: Path) -> None:
     assert (got[on] == original[on]).all()
     np.testing.assert_allclose(got[~on], np.round(original[~on] * 0.25), atol=1)
     assert main(["plot", "mask", "--sae", str(sae_dir)]) == 2
+
+
+def test_damaged_or_crafted_atlas_files_give_one_line_errors(labelled_atlas, tmp_path, capsys):
+    import shutil
+
+    ds, _ = labelled_atlas
+    atlas = tmp_path / "atlas"
+    shutil.copytree(ds.root.parent.parent, atlas)
+    folder = atlas / "datasets" / ds.name
+    meta = json.loads((folder / "dataset.json").read_text())
+
+    def query(latent: str = "3") -> str:
+        assert main(["atlas", str(atlas), "latent", latent]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        return err
+
+    (folder / "dataset.json").write_text(
+        json.dumps({**meta, "files": {**meta["files"], "top_index": "../../../etc/passwd"}})
+    )
+    assert "not top_index.npy" in query()
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    (folder / "top_index.npy").write_bytes(b"\x93NUMPY garbage")
+    assert "not a readable .npy" in query()
+    np.save(folder / "top_index.npy", np.zeros((M + 1, K), dtype=np.int64))
+    assert "expected int64 (m, k) with m=24" in query()
+    np.save(folder / "top_index.npy", np.zeros((M, K), dtype=np.int64))
+    assert "outside 0..23" in query("24")
+    (folder / "dataset.json").write_text(json.dumps({**meta, "options": "x"}))
+    assert "lacks keys" in query()
+    (atlas / "atlas.json").write_text("{not json")
+    assert "not readable JSON" in query()
+    (atlas / "atlas.json").write_text(json.dumps({"format": "other", "format_version": 1}))
+    assert "this patchsae reads 'patchsae-atlas'" in query()
+
+
+def test_a_second_writer_on_the_same_atlas_is_refused(tmp_path: Path) -> None:
+    from patchsae.lock import FolderLock
+
+    store, sae_dir, _ = make_inputs(tmp_path)
+    (tmp_path / "atlas").mkdir()
+    busy = pytest.raises(StatsError, match="another patchsae stats is writing")
+    with FolderLock(tmp_path / "atlas", RuntimeError("held")), busy:
+        run_stats(store, sae_dir, tmp_path / "atlas")
+    run_stats(store, sae_dir, tmp_path / "atlas")  # released: the folder (only .lock) is usable
+    assert Atlas.open(tmp_path / "atlas").dataset().meta["n_images"] == N
+
+
+def test_thin_and_tiny_images_get_a_box_inside_them() -> None:
+    from patchsae.stats.views import view_box
+
+    for size in ((1, 300), (300, 1), (1, 1), (3, 2)):
+        left, top, right, bottom = view_box(clip_preprocessor(), size)
+        assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
+
+
+def test_atlas_query_command_prints_the_api_answers(labelled_atlas, capsys) -> None:
+    ds, _ = labelled_atlas
+    atlas = str(ds.root.parent.parent)
+    assert main(["atlas", atlas, "latent", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["datasets"][0] == json.loads(
+        json.dumps(ds.latent(7))
+    )
+    assert main(["atlas", atlas, "class", "1", "-k", "4"]) == 0
+    assert json.loads(capsys.readouterr().out) == [list(p) for p in ds.class_latents(1, 4)]
+    assert main(["atlas", atlas, "dense", "0.2"]) == 0
+    assert json.loads(capsys.readouterr().out) == ds.dense(0.2)[:20]
+    assert main(["atlas", atlas, "info"]) == 0
+    assert json.loads(capsys.readouterr().out)["datasets"] == {ds.name: N}

@@ -31,10 +31,13 @@ def image_folder(root: Path, n_per_class: int = 6) -> Path:
     return root
 
 
-def build_atlas(root: Path, seed: int = 0, name: str = "atlas") -> dict[str, Path]:
-    """Model folder, SAE folder, images and an atlas of them under ``root``; returns the paths."""
-    model_dir = root / "model"
-    if not (model_dir / "config.json").is_file():
+def build_atlas(
+    root: Path, seed: int = 0, name: str = "atlas", model: Path | None = None
+) -> dict[str, Path]:
+    """Model folder (``model``, else a tiny CLIP saved in ``root``), SAE folder, images and an
+    atlas of them under ``root``; returns the paths."""
+    model_dir = model or root / "model"
+    if model is None and not (model_dir / "config.json").is_file():
         model, processor = tiny_clip(32, 2, 2, 32, 8, 16)
         model.save_pretrained(model_dir)
         processor.save_pretrained(model_dir)

@@ -1,7 +1,8 @@
 """``patchsae quickstart``: the whole pipeline in one command, resumable.
 
-extract (activation store of the train split) -> train (a small ReLU SAE on the store) ->
-stats (an atlas of the SAE over the store) -> explore (the web app on that atlas). Each step
+extract (activation store of the train split) -> train (a small SAE on the store) ->
+stats (an atlas of the SAE over the store) -> figures (the paper's plots of the atlas) ->
+explore (the web app on that atlas). Each step
 prints its output folder; run the same command again after an interruption and finished steps
 are skipped, unfinished ones resume (each stage's own resume). Defaults: CLIP ViT-B/16 and a
 small public dataset from the Hugging Face hub; ``--model`` and ``--data`` take local folders
@@ -33,7 +34,9 @@ class QuickstartError(ValueError):
 @dataclass(frozen=True)
 class QuickstartConfig:
     """What the quickstart runs on. ``limit``: train images extracted (None: all);
-    ``expansion``: d_sae / d_model of the SAE; ``epochs``: passes over the store;
+    ``expansion``: d_sae / d_model of the SAE; ``arch``: ``topk`` (``k`` active latents per
+    token: sparse and readable after a few epochs) or ``relu`` (the paper's L1 recipe, which
+    needs far more images to become sparse); ``epochs``: passes over the store;
     ``image_column``: the image column of a hub dataset (local folders need none)."""
 
     out: str = "quickstart"
@@ -45,13 +48,17 @@ class QuickstartConfig:
     limit: int | None = 2000
     expansion: int = 8
     epochs: int = 4
+    arch: str = "topk"
+    k: int = 32
     l1_coefficient: float = 8e-5
     batch_size: int = 32
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.expansion < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("expansion, epochs and batch_size must be >= 1")
+        if min(self.expansion, self.epochs, self.batch_size, self.k) < 1:
+            raise ConfigError("expansion, epochs, batch_size and k must be >= 1")
+        if self.arch not in ("topk", "relu"):
+            raise ConfigError(f"arch must be 'topk' or 'relu', got {self.arch!r}")
 
 
 def _step(name: str, folder: Path) -> None:
@@ -106,7 +113,35 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     compute_stats(
         StatsConfig(sae=str(sae_dir), out=str(atlas), store=str(store), device=cfg.device)
     )
+    _step("figures", out / "figures")
+    for path in figures(atlas, out / "figures"):
+        print(path)
     return atlas
+
+
+def figures(atlas_dir: Path, folder: Path) -> list[Path]:
+    """The paper's figures of the atlas's dataset: Fig. 3 scatter (PNG and offline HTML), the
+    class x latent heatmap (labelled data) and reference grids of up to 8 low-entropy (else
+    dense) latents. Without matplotlib/plotly, one line says how to get them."""
+    from patchsae.stats import Atlas, StatsError, plot
+
+    ds = Atlas.open(atlas_dir).dataset()
+    jobs = [
+        lambda: plot.scatter(ds, folder / "scatter.png"),
+        lambda: plot.scatter(ds, folder / "scatter.html"),
+    ]
+    if ds.meta["has_labels"]:
+        jobs.append(lambda: plot.heatmap(ds, folder / "heatmap.png"))
+    latents = ds.low_entropy(0.0)[:8] or ds.dense(0.0)[:8]
+    if latents:
+        jobs.append(lambda: plot.references(ds, latents, folder / "references.png", "heat"))
+    made = []
+    try:
+        for job in jobs:
+            made.append(job())
+    except StatsError as err:
+        print(f"figures skipped: {err}")
+    return made
 
 
 def _trained_images(sae_dir: Path) -> int:
@@ -120,12 +155,16 @@ def _trained_images(sae_dir: Path) -> int:
 
 
 def train_config(cfg: QuickstartConfig, store: Path, sae_dir: Path, n_images: int, d_model: int):
-    """The small ReLU SAE's ``TrainConfig``: ``cfg.epochs`` passes over the store's images."""
+    """The small SAE's ``TrainConfig``: ``cfg.epochs`` passes over the store's images."""
     from patchsae.sae import SAEConfig
     from patchsae.train.config import TrainConfig
 
     sae = SAEConfig(
-        arch="relu", d_in=d_model, d_sae=d_model * cfg.expansion, l1_coefficient=cfg.l1_coefficient
+        arch=cfg.arch,
+        d_in=d_model,
+        d_sae=d_model * cfg.expansion,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
     )
     return TrainConfig(
         store=str(store),
@@ -151,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
         layer=args.layer,
         limit=None if args.limit == 0 else args.limit,
         expansion=args.expansion,
+        arch=args.arch,
+        k=args.k,
         epochs=args.epochs,
         device=args.device,
     )
@@ -161,13 +202,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_explore:
         print(f"\ndone; browse it with: patchsae explore --atlas {atlas}")
         return 0
-    from patchsae.explore.cli import build_explorer, serve_explorer
+    from patchsae.explore.cli import serve_explorer
+    from patchsae.explore.core import open_model
+    from patchsae.explore.explorer import Explorer
 
     _step("explore", atlas)
-    explore_args = argparse.Namespace(
-        atlas=str(atlas), adapted=None, sae=None, model=None, device=args.device, max_sessions=64
-    )
-    serve_explorer(build_explorer(explore_args), host=args.host, port=args.port)
+    explorer = Explorer([open_model(atlas, device=args.device)])
+    serve_explorer(explorer, host=args.host, port=args.port)
     return 0
 
 
@@ -187,6 +228,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=-2, help="block index (default -2)")
     p.add_argument("--limit", type=int, default=2000, help="images extracted (0: all)")
     p.add_argument("--expansion", type=int, default=8, help="d_sae / d_model (default 8)")
+    p.add_argument("--arch", choices=("topk", "relu"), default="topk", help="SAE (default topk)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
     p.add_argument("--epochs", type=int, default=4, help="passes over the images (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-explore", action="store_true", help="stop after the atlas")

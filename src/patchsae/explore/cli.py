@@ -13,7 +13,15 @@ def build_explorer(args: argparse.Namespace):  # -> Explorer
 
     models = [open_model(args.atlas, sae=args.sae, model=args.model, device=args.device)]
     if args.adapted is not None:
-        models.append(open_model(args.adapted, name="adapted", device=args.device))
+        models.append(
+            open_model(
+                args.adapted,
+                sae=args.adapted_sae,
+                model=args.adapted_model,
+                name="adapted",
+                device=args.device,
+            )
+        )
     return Explorer(models, max_sessions=args.max_sessions)
 
 
@@ -47,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="atlas of an adapted model (same backbone layout and d_sae), shown side by side",
     )
+    p.add_argument(
+        "--adapted-model",
+        default=None,
+        help="the adapted model (e.g. a MaPLe adapter folder; default: the --adapted atlas's "
+        "backbone, which for prompt adapters is only the base)",
+    )
+    p.add_argument("--adapted-sae", default=None, help="SAE of --adapted (default: its atlas's)")
     p.add_argument("--sae", default=None, help="SAE checkpoint (default: the atlas's)")
     p.add_argument("--model", default=None, help="backbone (default: the atlas's)")
     p.add_argument("--device", default="cpu")

@@ -22,7 +22,7 @@ from patchsae.data.images import load_rgb
 from patchsae.pixels import BadImage
 from patchsae.sae import SAE, load
 from patchsae.stats import Atlas, token_set, top_latents
-from patchsae.stats.views import render_mask, upsample_grid
+from patchsae.stats.views import encode_image, render_mask, upsample_grid
 
 DISPLAY_SIDE = 512
 """Longest side (px) of the copy of an upload sent back to the browser."""
@@ -77,6 +77,7 @@ def open_model(
             "the SAE the atlas was computed with (--sae)"
         )
     backbone = load_backbone(model_name, device=device)
+    _check_adapter(backbone, meta["backbone"].get("adapter"), atlas_dir)
     if backbone.d_model != loaded.cfg.d_in or backbone.token_layout != atlas.token_layout:
         raise ExploreError(
             f"backbone {model_name} (d_model={backbone.d_model}, layout "
@@ -87,6 +88,21 @@ def open_model(
     datasets = list(atlas.datasets.values())
     include_cls = all(ds.meta["options"].get("include_cls", True) for ds in datasets)
     return Model(name, backbone, loaded, int(meta["layer"]), atlas, include_cls)
+
+
+def _check_adapter(backbone: Backbone, adapter: dict | None, atlas_dir: str | Path) -> None:
+    """The atlas's prompt adapter (``backbone.adapter`` in atlas.json) must be the one loaded."""
+    learner_hash = getattr(backbone, "learner_hash", None)
+    got = None if learner_hash is None else learner_hash()
+    want = None if adapter is None else adapter.get("weights_sha256")
+    if got != want:
+        made_with = f"the {adapter['method']} adapter {want[:12]}" if adapter else "no adapter"
+        loaded = f"adapter {got[:12]}" if got else "no adapter"
+        raise ExploreError(
+            f"atlas {atlas_dir} was made with {made_with} but {backbone.name} has {loaded}: pass "
+            "the model the atlas was computed with (--model, or --adapted-model for --adapted; "
+            "an adapter folder written by patchsae.adapt.save_adapter)"
+        )
 
 
 @dataclass(frozen=True)
@@ -154,18 +170,22 @@ def read_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def image_level(codes_tm: torch.Tensor, layout: TokenLayout, include_cls: bool) -> torch.Tensor:
-    """(d_sae,) image-level activations: mean over the atlas's token set (CLS, patches)."""
-    tokens = torch.tensor(token_set(layout, include_cls), device=codes_tm.device)
-    return codes_tm.index_select(0, tokens).mean(0)
+    """(d_sae,) image-level activations: mean over the atlas's token set (CLS, patches).
+
+    One matrix-vector product with the token set's weights (1 / its size): gathering the rows
+    first copies the whole (T, d_sae) matrix, which costs more than the SAE encode on a CPU.
+    """
+    tokens = token_set(layout, include_cls)
+    weights = torch.zeros(codes_tm.shape[0], dtype=codes_tm.dtype, device=codes_tm.device)
+    weights[tokens] = 1.0 / len(tokens)
+    return weights @ codes_tm
 
 
-@torch.no_grad()
 def encode_codes(model: Model, image: Image.Image) -> torch.Tensor:
-    """(n_tokens, d_sae) SAE codes of one RGB image at the model's layer."""
-    pixels = model.backbone.preprocess([image])
+    """(n_tokens, d_sae) SAE codes of one RGB image at the model's layer (one forward at a
+    time per model, so concurrent uploads do not multiply the activations held)."""
     with model.lock:
-        acts = model.backbone.encode(pixels, model.layer)[0]
-        return model.sae.encode(acts).float()
+        return encode_image(model.backbone, model.sae, model.layer, image)
 
 
 def encode(models: list[Model], image: Image.Image) -> Encoded:

@@ -37,6 +37,17 @@ def token_set(layout: TokenLayout, include_cls: bool) -> list[int]:
     return cls + list(layout.patch_indices)
 
 
+def _segments(tokens: list[int]) -> list[tuple[int, int]]:
+    """Sorted token positions as [start, stop) runs: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for t in sorted(tokens):
+        if runs and runs[-1][1] == t:
+            runs[-1] = (runs[-1][0], t + 1)
+        else:
+            runs.append((t, t + 1))
+    return runs
+
+
 def label_entropy(values_mk: np.ndarray, labels_mk: np.ndarray) -> np.ndarray:
     """(m,) natural-log entropy of the labels of each row's slots, weighted by their values.
 
@@ -79,8 +90,10 @@ class LatentAccumulator:
             raise StatsError(f"n_classes must be >= 0, got {n_classes}")
         self.d_sae, self.layout, self.n_classes = d_sae, layout, n_classes
         self.top_k, self.threshold, self.aggregate = top_k, threshold, aggregate
-        self.tokens = torch.tensor(token_set(layout, include_cls), dtype=torch.long)
-        self.patches = torch.tensor(list(layout.patch_indices), dtype=torch.long)
+        self.n_set = len(token_set(layout, include_cls))
+        self.segments = _segments(token_set(layout, include_cls))
+        self.include_cls = include_cls and layout.cls_index is not None
+        self._buf = torch.empty(0)
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
         self.state: dict[str, Tensor] = {
@@ -94,17 +107,62 @@ class LatentAccumulator:
             "class_counts": torch.zeros(n_classes, m, dtype=i64),
             "class_act_sum": torch.zeros(n_classes, m, dtype=f64),
             "class_images": torch.zeros(n_classes, dtype=i64),
-            "top_values": torch.full((k, m), -math.inf, dtype=f64),
-            "top_index": torch.full((k, m), EMPTY, dtype=i64),
-            "top_example_ids": torch.full((k, m), EMPTY, dtype=i64),
-            "top_labels": torch.full((k, m), EMPTY, dtype=i64),
+            "top_values": torch.full((m, k), -math.inf, dtype=f64),
+            "top_index": torch.full((m, k), EMPTY, dtype=i64),
+            "top_example_ids": torch.full((m, k), EMPTY, dtype=i64),
+            "top_labels": torch.full((m, k), EMPTY, dtype=i64),
         }
+
+    def _buffer(self, like: Tensor) -> Tensor:
+        """A reused scratch tensor shaped and typed like ``like``."""
+        n = like.numel()
+        buf = self._buf
+        if buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return self._buf[:n].view(like.shape)
+
+    @staticmethod
+    def _token_sum(view_btm: Tensor) -> Tensor:
+        """(B, d_sae): sum over tokens of (B, t, d_sae), as one batched product with ones (far
+        faster on CPU than a reduction over the middle axis)."""
+        ones = torch.ones(
+            view_btm.shape[0], 1, view_btm.shape[1], dtype=view_btm.dtype, device=view_btm.device
+        )
+        return torch.bmm(ones, view_btm).squeeze(1)
+
+    def _count_above(self, view_btm: Tensor, threshold: float) -> Tensor:
+        """(B, d_sae) int64: tokens of ``view_btm`` (B, t, d_sae) whose code is > threshold.
+
+        The comparison is written as 0/1 floats into a reused buffer and summed by
+        ``_token_sum`` (exact: float sums of 0/1 are exact below 2**24 tokens)."""
+        buf = self._buffer(view_btm)
+        torch.gt(view_btm, threshold, out=buf)
+        return self._token_sum(buf).round().long()
+
+    def reduce(self, codes_btm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image and latent, over the token set: image-level activation (B, d_sae) float64,
+        tokens with code > 0 and tokens with code > threshold, (B, d_sae) int64 each."""
+        img = pos = above = None
+        for start, stop in self.segments:
+            view = codes_btm[:, start:stop]
+            if self.aggregate == "mean":
+                part = self._token_sum(view).double()
+            else:
+                part = view.amax(1).double()
+            p, a = self._count_above(view, 0.0), self._count_above(view, self.threshold)
+            if img is None:
+                img, pos, above = part, p, a
+            else:
+                img = img + part if self.aggregate == "mean" else torch.maximum(img, part)
+                pos, above = pos + p, above + a
+        assert img is not None and pos is not None and above is not None
+        if self.aggregate == "mean":
+            img = img / self.n_set
+        return img.cpu(), pos.cpu(), above.cpu()
 
     def image_activations(self, codes_btm: Tensor) -> Tensor:
         """(B, d_sae) float64 image-level activations of codes (B, T, d_sae)."""
-        sel = codes_btm.index_select(1, self.tokens.to(codes_btm.device))
-        agg = sel.mean(1) if self.aggregate == "mean" else sel.amax(1)
-        return agg.double()
+        return self.reduce(codes_btm)[0]
 
     @torch.no_grad()
     def update(self, codes_btm: Tensor, index: Tensor, example_ids: Tensor, labels: Tensor) -> None:
@@ -122,18 +180,21 @@ class LatentAccumulator:
                 f"labels must lie in -1..{self.n_classes - 1} (the class names known), got "
                 f"{int(labels.min())}..{int(labels.max())}: the labels and class names disagree"
             )
-        img_bm = self.image_activations(codes_btm).cpu()
+        img_bm, pos_bm, above_bm = self.reduce(codes_btm)
         fires = img_bm > 0
         s["n_images"] += len(img_bm)
         s["image_fire_count"] += fires.sum(0)
         s["act_sum"] += img_bm.sum(0)
         s["fired_act_sum"] += img_bm.masked_fill(~fires, 0.0).sum(0)
+        cls_pos = None
         if self.layout.cls_index is not None:
-            s["cls_fire_count"] += (codes_btm[:, self.layout.cls_index] > 0).sum(0).cpu()
-        patches = codes_btm.index_select(1, self.patches.to(codes_btm.device))
-        s["patch_fire_count"] += (patches > 0).sum((0, 1)).cpu()
-        sel = codes_btm.index_select(1, self.tokens.to(codes_btm.device))
-        above_bm = (sel > self.threshold).sum(1).cpu()
+            cls_pos = (codes_btm[:, self.layout.cls_index] > 0).sum(0).cpu()
+            s["cls_fire_count"] += cls_pos
+        if self.include_cls:
+            assert cls_pos is not None
+            s["patch_fire_count"] += pos_bm.sum(0) - cls_pos
+        else:
+            s["patch_fire_count"] += pos_bm.sum(0)
         s["dataset_counts"] += above_bm.sum(0)
         labelled = labels >= 0
         if labelled.any():
@@ -146,18 +207,25 @@ class LatentAccumulator:
     def _merge_top(
         self, img_bm: Tensor, fires: Tensor, index: Tensor, example_ids: Tensor, labels: Tensor
     ) -> None:
-        s, b, m = self.state, len(img_bm), self.d_sae
-        values = torch.cat([s["top_values"], img_bm.masked_fill(~fires, -math.inf)])
-        order = torch.sort(values, dim=0, descending=True, stable=True).indices[: self.top_k]
-        s["top_values"] = values.gather(0, order)
-        empty = s["top_values"] == -math.inf
+        """Merge the batch into the (m, k) top-k arrays; only latents with a candidate above
+        their current k-th value are touched (a tie with it loses: its index is larger)."""
+        s, b = self.state, len(img_bm)
+        cand_bm = img_bm.masked_fill(~fires, -math.inf)
+        cols = (cand_bm > s["top_values"][:, -1]).any(0).nonzero().squeeze(1)
+        if len(cols) == 0:
+            return
+        values = torch.cat([s["top_values"][cols], cand_bm[:, cols].t()], dim=1)
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        top = values.gather(1, order)
+        s["top_values"][cols] = top
+        empty = top == -math.inf
         for key, new in (
             ("top_index", index),
             ("top_example_ids", example_ids.to(torch.int64).cpu()),
             ("top_labels", labels),
         ):
-            merged = torch.cat([s[key], new[:, None].expand(b, m)]).gather(0, order)
-            s[key] = merged.masked_fill(empty, EMPTY)
+            merged = torch.cat([s[key][cols], new[None, :].expand(len(cols), b)], dim=1)
+            s[key][cols] = merged.gather(1, order).masked_fill(empty, EMPTY)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {key: value.clone() for key, value in self.state.items()}
@@ -174,9 +242,9 @@ class LatentAccumulator:
         s = {key: value.numpy() for key, value in self.state.items()}
         n = int(s["n_images"])
         fired = s["image_fire_count"]
-        top_values = np.where(s["top_index"] >= 0, s["top_values"], 0.0).T.astype(np.float32)
-        top_labels = np.ascontiguousarray(s["top_labels"].T)
-        n_patch_tokens = n * len(self.patches)
+        top_values = np.where(s["top_index"] >= 0, s["top_values"], 0.0).astype(np.float32)
+        top_labels = s["top_labels"]
+        n_patch_tokens = n * self.layout.n_patches
         cls_freq = s["cls_fire_count"] / max(n, 1)
         if self.layout.cls_index is None:
             cls_freq = np.full(self.d_sae, -1.0)
@@ -191,8 +259,8 @@ class LatentAccumulator:
             "mean_act": s["act_sum"] / max(n, 1),
             "image_fire_count": fired,
             "top_values": top_values,
-            "top_index": np.ascontiguousarray(s["top_index"].T),
-            "top_example_ids": np.ascontiguousarray(s["top_example_ids"].T),
+            "top_index": s["top_index"],
+            "top_example_ids": s["top_example_ids"],
             "top_labels": top_labels,
             "label_entropy": label_entropy(top_values, top_labels),
             "dataset_counts": s["dataset_counts"],
