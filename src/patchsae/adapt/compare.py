@@ -61,8 +61,10 @@ class CompareConfig:
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN under 2 points or no spread."""
-    from scipy.stats import rankdata
-
+    try:
+        from scipy.stats import rankdata
+    except ImportError:
+        raise AdaptError("compare needs scipy: pip install 'patchsae[atlas]'") from None
     if len(a) < 2:
         return float("nan")
     ra, rb = rankdata(a), rankdata(b)
