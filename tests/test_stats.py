@@ -620,3 +620,72 @@ def test_reference_grid_and_mask_of_any_image(tmp_path: Path) -> None:
     assert (got[on] == original[on]).all()
     np.testing.assert_allclose(got[~on], np.round(original[~on] * 0.25), atol=1)
     assert main(["plot", "mask", "--sae", str(sae_dir)]) == 2
+
+
+def test_damaged_or_crafted_atlas_files_give_one_line_errors(labelled_atlas, tmp_path, capsys):
+    import shutil
+
+    ds, _ = labelled_atlas
+    atlas = tmp_path / "atlas"
+    shutil.copytree(ds.root.parent.parent, atlas)
+    folder = atlas / "datasets" / ds.name
+    meta = json.loads((folder / "dataset.json").read_text())
+
+    def query(latent: str = "3") -> str:
+        assert main(["atlas", str(atlas), "latent", latent]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        return err
+
+    (folder / "dataset.json").write_text(
+        json.dumps({**meta, "files": {**meta["files"], "top_index": "../../../etc/passwd"}})
+    )
+    assert "not top_index.npy" in query()
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    (folder / "top_index.npy").write_bytes(b"\x93NUMPY garbage")
+    assert "not a readable .npy" in query()
+    np.save(folder / "top_index.npy", np.zeros((M + 1, K), dtype=np.int64))
+    assert "expected int64 (m, k) with m=24" in query()
+    np.save(folder / "top_index.npy", np.zeros((M, K), dtype=np.int64))
+    assert "outside 0..23" in query("24")
+    (folder / "dataset.json").write_text(json.dumps({**meta, "options": "x"}))
+    assert "lacks keys" in query()
+    (atlas / "atlas.json").write_text("{not json")
+    assert "not readable JSON" in query()
+    (atlas / "atlas.json").write_text(json.dumps({"format": "other", "format_version": 1}))
+    assert "this patchsae reads 'patchsae-atlas'" in query()
+
+
+def test_a_second_writer_on_the_same_atlas_is_refused(tmp_path: Path) -> None:
+    from patchsae.lock import FolderLock
+
+    store, sae_dir, _ = make_inputs(tmp_path)
+    (tmp_path / "atlas").mkdir()
+    busy = pytest.raises(StatsError, match="another patchsae stats is writing")
+    with FolderLock(tmp_path / "atlas", RuntimeError("held")), busy:
+        run_stats(store, sae_dir, tmp_path / "atlas")
+    run_stats(store, sae_dir, tmp_path / "atlas")  # released: the folder (only .lock) is usable
+    assert Atlas.open(tmp_path / "atlas").dataset().meta["n_images"] == N
+
+
+def test_thin_and_tiny_images_get_a_box_inside_them() -> None:
+    from patchsae.stats.views import view_box
+
+    for size in ((1, 300), (300, 1), (1, 1), (3, 2)):
+        left, top, right, bottom = view_box(clip_preprocessor(), size)
+        assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
+
+
+def test_atlas_query_command_prints_the_api_answers(labelled_atlas, capsys) -> None:
+    ds, _ = labelled_atlas
+    atlas = str(ds.root.parent.parent)
+    assert main(["atlas", atlas, "latent", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["datasets"][0] == json.loads(
+        json.dumps(ds.latent(7))
+    )
+    assert main(["atlas", atlas, "class", "1", "-k", "4"]) == 0
+    assert json.loads(capsys.readouterr().out) == [list(p) for p in ds.class_latents(1, 4)]
+    assert main(["atlas", atlas, "dense", "0.2"]) == 0
+    assert json.loads(capsys.readouterr().out) == ds.dense(0.2)[:20]
+    assert main(["atlas", atlas, "info"]) == 0
+    assert json.loads(capsys.readouterr().out)["datasets"] == {ds.name: N}

@@ -34,6 +34,7 @@ ATLAS_JSON = "atlas.json"
 DATASETS = "datasets"
 DATASET_JSON = "dataset.json"
 PARTIAL = ".partial"
+FILES_NAME = "{}.npy"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 # name -> (shape in terms of m = d_sae, k = top_k, c = n_classes, dtype)
@@ -108,11 +109,26 @@ def image_latents(
     return top_latents(codes[token_set(layout, include_cls)].mean(0), k)
 
 
+def _check_dataset_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a ``dataset.json`` without the keys and types queries rely on."""
+    ok = (
+        isinstance(meta.get("name"), str)
+        and isinstance(meta.get("files"), dict)
+        and isinstance(meta.get("class_names"), list)
+        and isinstance(meta.get("has_labels"), bool)
+        and isinstance(meta.get("n_images"), int)
+        and isinstance(meta.get("options"), dict)
+        and isinstance(meta["options"].get("top_k"), int)
+    )
+    if not ok:
+        raise StatsError(f"{path} lacks keys of format {FORMAT_VERSION}; rerun patchsae stats")
+
+
 class AtlasDataset:
     """One dataset of an atlas: statistics as memory-mapped arrays, thumbnails, masks."""
 
-    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
-        self.root, self.meta = root, meta
+    def __init__(self, root: Path, meta: dict[str, Any], d_sae: int) -> None:
+        self.root, self.meta, self.d_sae = root, meta, d_sae
         self.name: str = meta["name"]
         self.class_names: list[str] = list(meta.get("class_names", []))
         self._maps: dict[str, np.ndarray] = {}
@@ -132,8 +148,35 @@ class AtlasDataset:
                     "the atlas is damaged: rerun patchsae stats"
                 )
             path = self.root / file
-            self._maps[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise StatsError(
+                    f"{path} is not a readable .npy array ({err}); rerun patchsae stats"
+                ) from None
+            self._check_shape(name, array)
+            self._maps[name] = array
         return self._maps[name]
+
+    def _check_shape(self, name: str, array: np.ndarray) -> None:
+        """Refuse an array whose shape or dtype differs from ``FILES`` (a damaged atlas)."""
+        spec, dtype = FILES[name]
+        sizes = {
+            "m": self.d_sae,
+            "k": self.meta["options"]["top_k"],
+            "c": len(self.class_names),
+        }
+        dims = [d.strip() for d in spec.strip("()").split(",") if d.strip()]
+        want = [sizes.get(d) for d in dims]
+        if (
+            array.dtype != np.dtype(dtype)
+            or array.ndim != len(dims)
+            or any(w is not None and w != n for w, n in zip(want, array.shape, strict=True))
+        ):
+            raise StatsError(
+                f"{self.root / FILES_NAME.format(name)} is {array.dtype} {array.shape}, expected "
+                f"{dtype} {spec} with m={self.d_sae}; the atlas is damaged: rerun patchsae stats"
+            )
 
     def class_name(self, label: int) -> str | None:
         return self.class_names[label] if 0 <= label < len(self.class_names) else None
@@ -266,7 +309,8 @@ class Atlas:
         for path in sorted(folder.glob(f"*/{DATASET_JSON}")) if folder.is_dir() else []:
             meta = read_json(path, "rerun patchsae stats for this dataset")
             if meta.get("complete") is True:
-                out[meta["name"]] = AtlasDataset(path.parent, meta)
+                _check_dataset_meta(path, meta)
+                out[meta["name"]] = AtlasDataset(path.parent, meta, self.d_sae)
         return out
 
     def dataset(self, name: str | None = None) -> AtlasDataset:

@@ -37,6 +37,7 @@ from patchsae.data import (
 )
 from patchsae.data.images import BadImage
 from patchsae.data.store import atomic_save_npy, differing_keys
+from patchsae.lock import LOCK, FolderLock
 from patchsae.sae import SAE, load
 from patchsae.stats.accumulate import Aggregate, LatentAccumulator, StatsError
 from patchsae.stats.atlas import (
@@ -281,10 +282,8 @@ def _check_atlas(root: Path, plan: dict[str, Any]) -> None:
     """Create ``atlas.json`` or check that the existing atlas was made with the same SAE,
     backbone and layer."""
     path = root / ATLAS_JSON
-    if root.exists() and not root.is_dir():
-        raise StatsError(f"out={root} is a file; pass an atlas folder")
     if not path.is_file():
-        if root.is_dir() and any(root.iterdir()):
+        if any(p.name != LOCK for p in root.iterdir()):
             raise StatsError(
                 f"{root} is not empty and holds no {ATLAS_JSON}; use a new out= folder"
             )
@@ -340,12 +339,31 @@ def compute_stats(cfg: StatsConfig, *, timings: dict[str, float] | None = None) 
             f"{stream.backbone_identity.get('name')!r} has width {stream.d_model}: use the SAE "
             "trained on this backbone and layer"
         )
+    root = Path(cfg.out)
+    if root.exists() and not root.is_dir():
+        raise StatsError(f"out={root} is a file; pass an atlas folder")
+    root.mkdir(parents=True, exist_ok=True)
+    busy = StatsError(
+        f"another patchsae stats is writing to {root}; wait for it to finish or use another out="
+    )
+    with FolderLock(root, busy):
+        return _compute_locked(cfg, sae, stream, root, t0, timings)
+
+
+def _compute_locked(
+    cfg: StatsConfig,
+    sae: SAE,
+    stream: StoreStream | ImageStream,
+    root: Path,
+    t0: float,
+    timings: dict[str, float] | None,
+) -> Path:
+    """``compute_stats`` once the atlas folder is locked."""
     labels_all = stream.labels_all()
     class_names = stream.class_names
     has_labels = bool(len(class_names)) and bool((labels_all >= 0).any())
     notes = [] if has_labels else ["no labels or class names: class statistics skipped"]
     batch_size = cfg.batch_images or _auto_batch(stream.layout.n_tokens, sae.cfg.d_sae)
-    root = Path(cfg.out)
     _check_atlas(
         root,
         {
