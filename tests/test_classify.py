@@ -348,6 +348,9 @@ def test_classify_refusals(world, tmp_path):
     other = save(relu_sae(d_in=32, d_sae=40), tmp_path / "sae40")
     with pytest.raises(ClassifyError, match="d_sae=64.*d_sae=40"):
         classify(config(world, tmp_path / "a", sae=str(other)), progress=False)
+    retrained = save(relu_sae(d_in=32, d_sae=64), tmp_path / "sae64")
+    with pytest.raises(ClassifyError, match="another SAE"):
+        classify(config(world, tmp_path / "a2", sae=str(retrained)), progress=False)
     with pytest.raises(ClassifyError, match="same_split=true"):
         classify(config(world, tmp_path / "b", data=DataConfig(str(world["images"]))))
     same = classify(

@@ -56,8 +56,9 @@ def _check_rerun(root: Path, run: dict[str, Any]) -> None:
 
 
 def _atlas_dataset(cfg: ClassifyConfig, sae: Any, backbone: Any, layer: int, images: Any) -> Any:
-    """The atlas dataset whose counts rank the latents, checked against the SAE, backbone,
-    layer, class names and (unless ``same_split``) the evaluation images."""
+    """The atlas dataset whose counts rank the latents, checked against the SAE (sizes and
+    weights), the backbone (its name: the base model's atlas or an adapted one's), the layer, the
+    class names and (unless ``same_split``) the evaluation images."""
     from patchsae.stats.atlas import Atlas
 
     atlas = Atlas.open(cfg.atlas)
@@ -66,6 +67,13 @@ def _atlas_dataset(cfg: ClassifyConfig, sae: Any, backbone: Any, layer: int, ima
             f"the atlas {cfg.atlas} was computed for an SAE with d_sae={atlas.d_sae}, d_in="
             f"{atlas.meta['sae'].get('d_in')}; the SAE has d_sae={sae.cfg.d_sae}, d_in="
             f"{sae.cfg.d_in}: use the atlas of this SAE"
+        )
+    from patchsae.stats.compute import sae_identity
+
+    if atlas.meta["sae"].get("weights_sha256") != sae_identity(sae, cfg.sae)["weights_sha256"]:
+        raise ClassifyError(
+            f"the atlas {cfg.atlas} was computed with another SAE (its weights differ), so its "
+            "latent ids name other latents: use the atlas of this SAE"
         )
     named = atlas.meta.get("backbone", {})
     if named.get("name") != backbone.name or atlas.meta.get("layer") != layer:
