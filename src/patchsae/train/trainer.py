@@ -13,6 +13,9 @@ Output folder (``cfg.out``): ``train_config.json``; per SAE (the folder itself, 
 in a sweep) ``metrics.jsonl`` and, at the end, ``sae.safetensors`` + ``cfg.json``;
 ``checkpoint/`` (see ``patchsae.train.checkpoint``).
 
+Batches are read ahead on a background thread (``prefetch_batches``, pinned for CUDA); the
+metrics log the seconds the loop waited for input (``input_wait_s``) and ran (``elapsed_s``).
+
 Evaluation (step 0, every ``eval_every`` steps, the end) logs ``reconstruction_metrics`` on the
 held-out images (``eval_images``) and, with ``fidelity``, ``downstream_fidelity`` on labelled
 images through the CLIP backbone (rank 0 only).
@@ -34,6 +37,7 @@ from tqdm import tqdm
 from patchsae.atomic import json_ready, write_json, write_text
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
+from patchsae.data.prefetch import Prefetcher
 from patchsae.metrics.fidelity import FidelityError, FidelityScorer
 from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
@@ -54,6 +58,7 @@ from patchsae.train.checkpoint import (
 )
 from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
+from patchsae.train.optim import adam
 from patchsae.train.sources import open_source
 
 TRAIN_CONFIG = "train_config.json"
@@ -128,9 +133,7 @@ def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int)
     for name, sae_cfg in zip(cfg.member_names(), cfg.sae_configs(), strict=True):
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg).to(device)
-        opt = torch.optim.Adam(
-            sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps
-        )
+        opt = adam(sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps)
         counters = torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device)
         window = FiringWindow(sae_cfg.d_sae, max(1, cfg.dead_feature_window) * tokens_per_step)
         members.append(Member(name, sae, opt, counters, window, out / name if name else out))
@@ -379,11 +382,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """
     d = ddp.setup(cfg.device)
     clean = False
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     try:
         out = _train(cfg, resume, d)
         clean = True
         return out
     finally:
+        torch.set_float32_matmul_precision(precision)
         ddp.teardown(d, clean)
 
 
@@ -424,14 +430,18 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         batches = itertools.chain([first], batches)
         if evaluating and d.is_main:
             _evaluate(cfg, members, source, fidelity, progress, log)
+    if cfg.prefetch_batches:
+        batches = Prefetcher(batches, cfg.prefetch_batches, pin=d.device.type == "cuda")
     bar = tqdm(
         total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
     )
-    t0, tokens0 = time.perf_counter(), progress["tokens"]
+    t0, tokens0, waited = time.perf_counter(), progress["tokens"], 0.0
     try:
         while progress["step"] < n_steps:
+            start = time.perf_counter()
             x_global, position = next(batches)
-            x = x_global[d.slice(x_global.shape[0])].to(d.device)
+            waited += time.perf_counter() - start
+            x = x_global[d.slice(x_global.shape[0])].to(d.device, non_blocking=True)
             step = progress["step"]
             records = [_step(cfg, m, x, step, d) for m in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
@@ -441,19 +451,23 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
                 x_global.shape[0] if cfg.batch_mode == "images" else n_tokens / tpi
             )
             progress["data_position"] = position
-            rate = (progress["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            rate = (progress["tokens"] - tokens0) / elapsed
             bar.update(1)
             bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
             if progress["step"] % cfg.log_every == 0 or done:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
-                    log.log(m, {**head, **record, **m.firing.fractions(), "tokens_per_s": rate})
+                    speed = {"tokens_per_s": rate, "input_wait_s": waited, "elapsed_s": elapsed}
+                    log.log(m, {**head, **record, **m.firing.fractions(), **speed})
             if evaluating and d.is_main and (progress["step"] % cfg.eval_every == 0 or done):
                 _evaluate(cfg, members, source, fidelity, progress, log)
             if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
                 _checkpoint(cfg, members, progress, source)
     finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
         bar.close()
         log.close()
     if d.is_main:
