@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from patchsae.atomic import atomic_file, write_json, write_text, write_with
 
@@ -50,17 +52,18 @@ def test_files_get_the_mode_open_would_give(tmp_path, umask):
     try:
         plain = tmp_path / "plain"
         plain.write_bytes(b"x")
-        paths = [tmp_path / "a.json", tmp_path / "b.bin", tmp_path / "c.bin"]
+        paths = [tmp_path / n for n in ("a.json", "b.bin", "c.bin", "d.safetensors")]
         write_json(paths[0], {})
         with atomic_file(paths[1]) as f:
             f.write(b"x")
         write_with(paths[2], lambda tmp: tmp.write_bytes(b"x"))
+        write_with(paths[3], lambda tmp: save_file({"x": torch.zeros(1)}, str(tmp)))
         assert os.umask(umask) == umask
     finally:
         os.umask(old)
     expected = 0o666 & ~umask
     assert plain.stat().st_mode & 0o777 == expected
-    assert [p.stat().st_mode & 0o777 for p in paths] == [expected] * 3
+    assert [p.stat().st_mode & 0o777 for p in paths] == [expected] * 4
 
 
 def test_text_is_utf8_whatever_the_locale(tmp_path):

@@ -344,6 +344,12 @@ def test_token_layout_round_trip_and_validation():
         TokenLayout(n_tokens=17, cls_index=3, patch_start=1, grid=(4, 4), extra_indices=())
     with pytest.raises(BackboneError, match="keys"):
         TokenLayout.from_dict({"n_tokens": 17, "grid": [4, 4]})
+    prompted = TokenLayout(n_tokens=19, cls_index=0, patch_start=1, grid=(4, 4), n_prompts=2)
+    assert TokenLayout.from_dict(prompted.to_dict()) == prompted
+    with pytest.raises(BackboneError, match="exceeds n_tokens 19 less the 3 prompt tokens"):
+        TokenLayout(n_tokens=19, cls_index=0, patch_start=1, grid=(4, 4), n_prompts=3)
+    with pytest.raises(BackboneError, match="non-patch position"):
+        TokenLayout(n_tokens=19, cls_index=18, patch_start=1, grid=(4, 4), n_prompts=2)
 
 
 def test_token_layout_positions_by_mode():

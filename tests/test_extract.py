@@ -336,3 +336,57 @@ def test_smoke_dinov2_fashion_mnist(tmp_path: Path) -> None:
     for layer in (2, 4):
         np.testing.assert_allclose(store.images(0, 16, layer), hidden[layer + 1], atol=1e-4)
     np.testing.assert_array_equal(store.labels, source.labels[:16])
+
+
+def test_thin_images_and_dangling_symlinks_are_skipped(tiny_model: Path, tmp_path: Path) -> None:
+    """A processor that fits images into the model's size (as DINOv2's does) cannot handle a
+    1 x 3000 image; it and a dangling symlink are listed as bad and the run finishes."""
+    from transformers import BitImageProcessor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    BitImageProcessor(
+        size={"max_height": 32, "max_width": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(model)
+    data = make_folder(tmp_path / "imgs", per_class=3, bad=False)
+    Image.new("RGB", (1, 3000)).save(data / "a" / "thin.png")
+    Image.new("RGB", (3000, 1)).save(data / "b" / "flat.png")
+    (data / "b" / "link.png").symlink_to(tmp_path / "missing.png")
+    out = extract(config(model, data, tmp_path / "store", num_workers=1))
+    report = json.loads((out / "bad_images.json").read_text())
+    assert sorted(Path(r["where"]).name for r in report) == ["flat.png", "link.png", "thin.png"]
+    assert len(ActivationStore.open(out)) == 6
+
+
+def test_store_from_before_exif_orientation_resumes_on_raw_pixels(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A store whose metadata has no data.exif_transpose was made on raw pixels: it resumes,
+    and the shards it recomputes are the raw-pixel ones."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+        img.save(data / f"{i}.jpg", exif=exif.tobytes())
+    cfg = config(tiny_model, data, tmp_path / "raw")
+    raw = extract(dataclasses.replace(cfg, data=DataConfig(str(data), exif_transpose=False)))
+    upright = extract(config(tiny_model, data, tmp_path / "upright"))
+    assert ActivationStore.open(upright).metadata["data"]["exif_transpose"] is True
+    assert not np.array_equal(
+        ActivationStore.open(raw).get(0), ActivationStore.open(upright).get(0)
+    )
+    expected = tree(raw)
+    meta = json.loads((raw / "metadata.json").read_text())
+    del meta["data"]["exif_transpose"]
+    (raw / "metadata.json").write_text(json.dumps({**meta, "complete": False}, indent=1) + "\n")
+    (raw / "shards" / "00000.json").unlink()
+    capsys.readouterr()
+    extract(cfg)
+    assert "resuming it on raw pixels" in capsys.readouterr().out
+    assert {k: v for k, v in tree(raw).items() if "layer" in k} == {
+        k: v for k, v in expected.items() if "layer" in k
+    }
+    assert "exif_transpose" not in json.loads((raw / "metadata.json").read_text())["data"]

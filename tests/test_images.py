@@ -633,3 +633,85 @@ def test_messages_name_the_cli_keys(tmp_path):
     (clone / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match="no image files.*set kind=hf"):
         open_images(DataConfig(source=str(tmp_path / "hub_clone")))
+
+
+# ---------------------------------------------------------------- hostile folders and images
+
+
+def fits_in_16(images: list[Image.Image]) -> torch.Tensor:
+    """A picklable preprocess that fails like the DINOv2 processor on very thin images: it fits
+    the image into 16 x 16, so 1 x 40 px rounds to a zero-width image and raises."""
+    from transformers import BitImageProcessor
+
+    processor = BitImageProcessor(
+        size={"max_height": 16, "max_width": 16}, crop_size={"height": 16, "width": 16}
+    )
+    return torch.as_tensor(processor(images=images, return_tensors="pt")["pixel_values"])
+
+
+def test_thin_image_is_a_bad_image_and_the_batch_goes_on(tmp_path):
+    for name, size in [
+        ("0.png", (20, 20)),
+        ("1.png", (1, 40)),
+        ("2.png", (40, 1)),
+        ("3.png", (9, 9)),
+    ]:
+        noise_image(64).resize(size).save(tmp_path / name)
+    source = open_images(DataConfig(source=str(tmp_path)))
+    with pytest.raises(ValueError, match="height and width must be > 0"):
+        fits_in_16([source.load(1)])
+    (batch,) = image_batches(source, [0, 1, 2, 3], fits_in_16, batch_size=4)
+    assert batch.example_ids.tolist() == [0, 3]
+    torch.testing.assert_close(batch.pixel_values, fits_in_16([source.load(0), source.load(3)]))
+    assert [r.example_id for r in batch.bad] == [1, 2]
+    assert all("preprocessor cannot handle" in r.reason for r in batch.bad)
+    assert "1x40" in batch.bad[0].reason and batch.bad[0].where.endswith("1.png")
+
+
+def test_processor_unfit_for_the_model_is_not_a_bad_image(tmp_path):
+    from patchsae.backbones.errors import BackboneError
+
+    noise_image(64).save(tmp_path / "0.png")
+
+    def unfit(images):
+        raise BackboneError("the image processor produced (8, 8) px images")
+
+    with pytest.raises(BackboneError):
+        list(image_batches(open_images(DataConfig(source=str(tmp_path))), [0], unfit, 1))
+
+
+def test_dangling_symlink_is_a_bad_image(tmp_path):
+    (tmp_path / "a").mkdir()
+    noise_image(16).save(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / "1.png").symlink_to(tmp_path / "gone.png")
+    source = open_images(DataConfig(source=str(tmp_path)))
+    assert len(source) == 2
+    (batch,) = image_batches(source, [0, 1], ToTensor(), batch_size=2)
+    assert batch.example_ids.tolist() == [0]
+    (record,) = batch.bad
+    assert record.example_id == 1 and "FileNotFoundError" in record.reason
+
+
+def exif_photo(orientation: int) -> bytes:
+    """A 30 x 20 JPEG, left half black, right half white, tagged with ``orientation``."""
+    pixels = np.zeros((20, 30, 3), dtype=np.uint8)
+    pixels[:, 15:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return png_bytes(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_exif_orientation_applied_by_default():
+    upright = load_rgb(exif_photo(6))  # 6: rotate 90 degrees clockwise to view
+    assert upright.size == (20, 30)
+    column = np.asarray(upright)[:, 10].mean(axis=-1)
+    assert column[:10].mean() < 30 and column[-10:].mean() > 225  # black on top after turning
+    raw = load_rgb(exif_photo(6), exif_transpose=False)
+    assert raw.size == (30, 20)
+
+
+def test_exif_option_reaches_the_source(tmp_path):
+    (tmp_path / "0.jpg").write_bytes(exif_photo(6))
+    assert open_images(DataConfig(source=str(tmp_path))).load(0).size == (20, 30)
+    raw = open_images(DataConfig(source=str(tmp_path), exif_transpose=False))
+    assert raw.load(0).size == (30, 20)

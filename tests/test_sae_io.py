@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -170,6 +171,11 @@ def test_wrong_shape_names_expected_and_found(tmp_path):
     tensors["W_dec"] = tensors["W_dec"].t().contiguous()
     del tensors["b_enc"]
     save_file(tensors, folder / WEIGHTS, metadata=metadata)
+    with pytest.raises(CheckpointError, match="has changed since it was written"):
+        load(folder)
+    info = json.loads((folder / CFG).read_text())
+    del info["weights_checksum"]  # as saved before checksums: the shapes are checked
+    (folder / CFG).write_text(json.dumps(info))
     with pytest.raises(CheckpointError) as err:
         load(folder)
     assert "W_dec: expected (64, 16), found (16, 64)" in str(err.value)
@@ -685,11 +691,12 @@ def test_zip_members_past_max_bytes_are_refused_before_reading(tmp_path):
         for name in src.namelist():
             dst.writestr(name, src.read(name))
     assert bomb.stat().st_size < 2**20
-    assert torch.equal(read_pickled_checkpoint(bomb)["w"], torch.zeros(2**22))
+    trusted = read_pickled_checkpoint(bomb, max_inflation=float("inf"))
+    assert torch.equal(trusted["w"], torch.zeros(2**22))
 
     def refused():
         with pytest.raises(PickleRefused, match=r"zip member .*data/0 \(16777216 bytes\)"):
-            read_pickled_checkpoint(bomb, max_bytes=2**20)
+            read_pickled_checkpoint(bomb, max_bytes=2**20, max_inflation=float("inf"))
 
     peak = traced_peak(refused)
     assert peak < 4 * 2**20, f"peak {peak} bytes"
@@ -749,4 +756,20 @@ def test_pickled_state_is_refused_outside_placeholders_and_ordered_dicts(tmp_pat
     assert read_pickled_checkpoint(hand)[1].__dict__ == {i: None for i in range(2**14)}
     hand.write_bytes(b"\x80\x02](" + metadata + b"u" + one * 64 + b"e.")
     with pytest.raises(PickleRefused, match="OrderedDict attributes.*copy budget"):
+        read_pickled_checkpoint(hand)
+
+
+def test_defaultdict_of_dict_becomes_a_plain_dict_and_other_factories_are_refused(tmp_path):
+    """Pickled optimiser state (``Optimizer.state``) is a ``defaultdict(dict)``."""
+    state = collections.defaultdict(dict, {0: {"momentum_buffer": torch.ones(3)}})
+    found = read_pickled_checkpoint(write_pickle(tmp_path / "opt.pt", {"state": state}, "zip"))
+    assert type(found["state"]) is dict and torch.equal(
+        found["state"][0]["momentum_buffer"], torch.ones(3)
+    )
+    path = write_pickle(tmp_path / "list.pt", collections.defaultdict(list), "zip")
+    with pytest.raises(PickleRefused, match="refused global builtins.list"):
+        read_pickled_checkpoint(path)
+    hand = tmp_path / "call.pkl"
+    hand.write_bytes(b"c__builtin__\ndict\n)R.")
+    with pytest.raises(PickleRefused, match="not a readable checkpoint"):
         read_pickled_checkpoint(hand)

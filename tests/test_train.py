@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -367,10 +368,10 @@ def test_damaged_checkpoint_is_a_clear_error_and_the_advice_works(
     state = json.loads((pristine / "trainer_state.json").read_text())
     del state["members"]
     cases = [
-        ("trainer_state.safetensors", "", "trainer_state.safetensors cannot be read"),
+        ("trainer_state.safetensors", "", "trainer_state.safetensors has changed"),
         ("trainer_state.json", "{", "trainer_state.json cannot be read"),
         ("trainer_state.json", json.dumps(state), r"trainer_state.json lacks \['members'\]"),
-        ("sae/sae.safetensors", "", "checkpoint/sae cannot be read"),
+        ("sae/sae.safetensors", "", "checkpoint/sae/sae.safetensors has changed"),
     ]
     for file, text, problem in cases:
         damage(file, text)
@@ -473,13 +474,14 @@ def test_only_rank_zero_evaluates(store: Path, tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(ddp, "average_gradients_", lambda module, d: None)
     monkeypatch.setattr(ddp, "barrier", lambda d: None)
     settings = {"total_images": 8, "eval_images": 4, "eval_every": 1}
-    trainer._train(
-        config(store, tmp_path / "r1", **settings), False, ddp.Dist(1, 2, torch.device("cpu"))
-    )
-    assert scored == []
-    trainer._train(
-        config(store, tmp_path / "r0", **settings), False, ddp.Dist(0, 1, torch.device("cpu"))
-    )
+    for name, d in [
+        ("r1", ddp.Dist(1, 2, torch.device("cpu"))),
+        ("r0", ddp.Dist(0, 1, torch.device("cpu"))),
+    ]:
+        with contextlib.ExitStack() as held:
+            trainer._train(config(store, tmp_path / name, **settings), False, d, held)
+        if name == "r1":
+            assert scored == []
     assert len(scored) == 3
 
 

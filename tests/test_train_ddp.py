@@ -112,3 +112,28 @@ def test_train_frees_the_process_group_before_returning(tmp_path: Path) -> None:
     for rank in range(2):
         names = json.loads((tmp_path / f"threads-{rank}.json").read_text())
         assert not [n for n in names if "gloo" in n], f"rank {rank} threads after train: {names}"
+
+
+def test_a_locked_run_folder_stops_every_rank(tmp_path: Path) -> None:
+    """Another process holds the run folder: rank 0 is refused the lock, and every rank stops
+    with one line (none is left waiting at a collective)."""
+    from test_hardening import hold_lock
+
+    store = make_store(tmp_path / "store", tiny_acts())
+    out = tmp_path / "ddp"
+    out.mkdir()
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(config(store, out, total_images=8))))
+    holder = hold_lock(out)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node=2", "-m", "patchsae", "train", str(cfg_file)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert f"patchsae train: error: another train process is writing to {out}" in proc.stderr
+    assert f"patchsae train: error: rank 0 could not lock the run folder {out}" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

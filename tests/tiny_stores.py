@@ -12,13 +12,22 @@ from patchsae.backbones import TokenLayout
 from patchsae.data.store import StoreWriter
 
 
-def make_store(root: Path, acts_ntd: np.ndarray, backbone: dict[str, Any] | None = None) -> Path:
+def make_store(
+    root: Path,
+    acts_ntd: np.ndarray,
+    backbone: dict[str, Any] | None = None,
+    labels: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    grid: tuple[int, int] | None = None,
+) -> Path:
     """A one-shard fp32 store of ``acts_ntd`` (N, T, D) with CLS at 0 and T - 1 patches.
 
-    ``backbone`` is the metadata's backbone entry (default: an unnamed-family model "tiny").
+    ``backbone`` is the metadata's backbone entry (default: an unnamed-family model "tiny");
+    ``labels`` (N,) default to -1 and ``class_names`` to none; ``grid`` is the patch grid
+    (default (1, T - 1)).
     """
     n, t, d = acts_ntd.shape
-    layout = TokenLayout(n_tokens=t, cls_index=0, patch_start=1, grid=(1, t - 1))
+    layout = TokenLayout(n_tokens=t, cls_index=0, patch_start=1, grid=grid or (1, t - 1))
     plan = {
         "format_version": 1,
         "layers": [0],
@@ -27,10 +36,12 @@ def make_store(root: Path, acts_ntd: np.ndarray, backbone: dict[str, Any] | None
         "n_tokens": t,
         "token_layout": layout.to_dict(),
         "backbone": backbone or {"name": "tiny", "n_layers": 2},
+        "class_names": list(class_names or []),
     }
     with StoreWriter(root, plan) as writer:
         shard = writer.shard(0, n)
         shard.append({0: torch.from_numpy(np.ascontiguousarray(acts_ntd, dtype=np.float32))})
-        entry = shard.commit({"example_ids": list(range(n)), "labels": [-1] * n})
+        label_list = [-1] * n if labels is None else [int(v) for v in labels]
+        entry = shard.commit({"example_ids": list(range(n)), "labels": label_list})
         writer.finalize([entry], [])
     return root

@@ -64,12 +64,17 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 def write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_path)`` (for libraries that write by path), then rename onto ``path``."""
+    """Run ``write(tmp_path)`` (for libraries that write by path), then rename onto ``path``.
+
+    The mode is set again after ``write``: a library may replace the file (safetensors creates
+    its files 0o600).
+    """
     path = Path(path)
     fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

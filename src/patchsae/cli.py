@@ -21,6 +21,11 @@ COMMAND_MODULES = (
     "patchsae.extract",
     "patchsae.train.cli",
     "patchsae.metrics.cli",
+    "patchsae.stats.cli",
+    "patchsae.verify",
+    "patchsae.explore.cli",
+    "patchsae.quickstart",
+    "patchsae.adapt.cli",
 )
 
 
@@ -54,8 +59,21 @@ def is_user_error(err: BaseException) -> bool:
     )
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, but ``key=value`` overrides may come anywhere, also after flags
+    (``train cfg.yaml --resume lr=1e-4``): argparse stops a positional list at the first flag."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -175,6 +176,23 @@ def check_local_folder(
     return None
 
 
+def check_writable_file(
+    path: str | os.PathLike, error_cls: type[ValueError], name: str = "output"
+) -> None:
+    """Refuse, before any work, an output file ``path`` that cannot be written: a folder, or a
+    path under a file or a missing folder that cannot be created."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise error_cls(f"{name} {path} is a folder: pass a file path, e.g. {target / 'out.json'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error_cls(f"{name} {path} lies under {parent}, which is a file: choose another path")
+    if not os.access(parent, os.W_OK):
+        raise error_cls(f"{name} {path}: {parent} is not writable: choose another path")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -190,7 +208,17 @@ def _set_dotted(data: dict[str, Any], key: str, value: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot read {value!r} ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def load_config(
@@ -200,9 +228,18 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: pass the YAML file inside it")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {_yaml_problem(err)}; fix the file"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         data = loaded

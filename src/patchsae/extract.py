@@ -149,6 +149,13 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
         if writer.complete:
             print(f"{out} is already complete ({plan['n_planned']} images planned); nothing to do")
             return out
+        if writer.damage is not None:
+            print(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
+        source.exif_transpose = writer.data_option("exif_transpose")
+        if source.exif_transpose != cfg.data.exif_transpose:
+            print(
+                f"{out} was started before EXIF orientation was applied: resuming it on raw pixels"
+            )
         entries = [writer.shard_entry(k) for k in range(plan["n_shards"])]
         todo = [k for k, entry in enumerate(entries) if entry is None]
         done_images = sum(len(e["example_ids"]) + len(e["bad"]) for e in entries if e)

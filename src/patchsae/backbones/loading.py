@@ -16,6 +16,8 @@ from .families import supported_model
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+ADAPTER_JSON = "adapter.json"
+"""Marks a folder of prompts learned on a CLIP (``patchsae.adapt``), loaded with its base."""
 
 
 def hub_revision(repo_id: str) -> str | None:
@@ -89,9 +91,11 @@ def load_backbone(
 ) -> Backbone:
     """Load a backbone by hub id or local folder; the family comes from ``config.json``.
 
-    A local folder is read offline. The image processor comes from the same place, so
-    preprocessing matches the model's. CLIP also loads its tokenizer from ``tokenizer`` when
-    given, else from the model's own folder/repo when it has one (``encode_text`` needs it).
+    A local folder is read offline; a folder written by ``patchsae adapt`` (with
+    ``adapter.json``) gives the adapted CLIP, its base loaded as recorded. The image processor
+    comes from the same place, so preprocessing matches the model's. CLIP also loads its
+    tokenizer from ``tokenizer`` when given, else from the model's own folder/repo when it has
+    one (``encode_text`` needs it).
     ``device`` is checked first: a malformed name or an unavailable device raises
     :class:`BackboneError`.
     """
@@ -104,6 +108,10 @@ def load_backbone(
     if is_folder:
         folder = folder.resolve()
         source = str(folder)
+        if (folder / ADAPTER_JSON).is_file():
+            from patchsae.adapt.checkpoint import load_adapter
+
+            return load_adapter(folder, device=device, dtype=dtype)
     model_type = _model_type(source, is_folder)
     _, class_name = supported_model(model_type, source)
 

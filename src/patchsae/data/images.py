@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from patchsae.atomic import write_json
+from patchsae.backbones.errors import BackboneError
 from patchsae.config import check_local_folder
 from patchsae.data.shuffle import seeded_order
 from patchsae.pixels import BadImage, to_rgb
@@ -47,6 +48,11 @@ NAMES_FILE = "classes.txt"
 FINGERPRINT_VERSION = 1
 
 
+# DataConfig keys added after the first release, with the value that outputs written before
+# them (stores, training runs) were made with; a saved config without the key means this value.
+LEGACY_DATA_DEFAULTS = {"exif_transpose": False}
+
+
 class DataError(ValueError):
     """A data source is missing or malformed (wrong path, split, column or class-names file)."""
 
@@ -59,6 +65,8 @@ class DataConfig:
     name or path for ``datasets.load_dataset``. ``kind="auto"`` picks ``hf`` for ``save_to_disk``
     folders and for anything that is not a local directory, ``imagefolder`` for other directories.
     ``max_pixels`` (width * height) refuses larger images before they are decoded.
+    ``exif_transpose`` turns each image as its EXIF orientation tag says (what a photo viewer
+    shows); ``False`` keeps the raw pixels, as stores written before this option did.
     """
 
     source: str
@@ -69,6 +77,7 @@ class DataConfig:
     label_column: str | None = "label"
     class_names_file: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = True
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -109,26 +118,33 @@ def _check_size(img: Image.Image, max_pixels: int) -> None:
         )
 
 
+def _decoded_rgb(img: Image.Image, max_pixels: int, exif_transpose: bool) -> Image.Image:
+    _check_size(img, max_pixels)
+    img.load()
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
 def load_rgb(
-    image: str | os.PathLike | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: str | os.PathLike | bytes | Image.Image,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = True,
 ) -> Image.Image:
     """Decode ``image`` (a path, encoded bytes or a PIL image) fully and return it as RGB.
 
     The size is checked from the header before any pixel is decoded; PIL's own decompression-bomb
-    limit (``PIL.Image.MAX_IMAGE_PIXELS``) also applies. Any failure raises :class:`BadImage`.
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``) also applies. With ``exif_transpose`` the image is
+    turned upright as its EXIF orientation tag says. Any failure raises :class:`BadImage`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
-                _check_size(image, max_pixels)
-                image.load()
-                return to_rgb(image)
+                return _decoded_rgb(image, max_pixels, exif_transpose)
             stream = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
             with Image.open(stream) as img:
-                _check_size(img, max_pixels)
-                img.load()
-                return to_rgb(img)
+                return _decoded_rgb(img, max_pixels, exif_transpose)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -161,6 +177,7 @@ class ImageSource:
     class_names: list[str]
     labels: np.ndarray
     max_pixels: int
+    exif_transpose: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -177,7 +194,7 @@ class ImageSource:
         """Example ``i`` decoded to RGB; raises :class:`BadImage` with the reason."""
         if not 0 <= i < len(self):
             raise IndexError(f"example id {i} out of range [0, {len(self)})")
-        return load_rgb(self._raw(i), self.max_pixels)
+        return load_rgb(self._raw(i), self.max_pixels, self.exif_transpose)
 
 
 class FolderSource(ImageSource):
@@ -200,6 +217,7 @@ class FolderSource(ImageSource):
             split_dir, resolved_split = root, None
         self.root = split_dir
         self.max_pixels = cfg.max_pixels
+        self.exif_transpose = cfg.exif_transpose
         class_dirs = _subfolders(split_dir)
         top_files = _image_files(split_dir, recursive=False)
         if class_dirs and top_files:
@@ -225,7 +243,7 @@ class FolderSource(ImageSource):
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = self._class_names(cfg, root, split_dir, class_dirs)
-        sizes = [(split_dir / p).stat().st_size for p in paths]
+        sizes = [_file_size(split_dir / p) for p in paths]
         self.fingerprint = _canonical_hash(
             {
                 "version": FINGERPRINT_VERSION,
@@ -258,6 +276,15 @@ class FolderSource(ImageSource):
         return str(self.root / self.paths[i])
 
     _raw = describe  # the undecoded example is its file path
+
+
+def _file_size(path: Path) -> int:
+    """The size of ``path`` in bytes; -1 when it cannot be read (a dangling symbolic link), so the
+    listing goes on and loading it later reports a bad image."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -322,6 +349,7 @@ class HFSource(ImageSource):
         self.split = cfg.split
         self.image_column = cfg.image_column
         self.max_pixels = cfg.max_pixels
+        self.exif_transpose = cfg.exif_transpose
         self.labels, self.class_names = self._labels(ds, cfg, columns)
         if cfg.class_names_file is not None:
             self.class_names = _read_names_file(Path(cfg.class_names_file))
@@ -401,7 +429,7 @@ def shuffled_order(n: int, seed: int | None) -> np.ndarray:
 
 
 class _Examples(torch.utils.data.Dataset):
-    """Item j = (example id, label, RGB image or BadRecord) for ``example_ids[j]``."""
+    """Item j = (example id, label, RGB image or BadRecord, where) for ``example_ids[j]``."""
 
     def __init__(self, source: ImageSource, example_ids: np.ndarray) -> None:
         self.source = source
@@ -410,34 +438,65 @@ class _Examples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.example_ids)
 
-    def __getitem__(self, j: int) -> tuple[int, int, Image.Image | BadRecord]:
+    def __getitem__(self, j: int) -> tuple[int, int, Image.Image | BadRecord, str]:
         i = int(self.example_ids[j])
+        where = self.source.describe(i)
         try:
             image: Image.Image | BadRecord = self.source.load(i)
         except BadImage as err:
-            image = BadRecord(example_id=i, where=self.source.describe(i), reason=str(err))
-        return i, int(self.source.labels[i]), image
+            image = BadRecord(example_id=i, where=where, reason=str(err))
+        return i, int(self.source.labels[i]), image, where
 
 
 @dataclass
 class _Collate:
-    """Preprocess the good images of a slice; list the bad ones. Runs in the loader workers."""
+    """Preprocess the good images of a slice; list the bad ones. Runs in the loader workers.
+
+    An image the preprocessor cannot handle (e.g. 1 x 3000 px, resized to zero width) is bad
+    too: when the whole slice fails, its images are preprocessed one by one to find which. A
+    :class:`BackboneError` (a processor unfit for the model) is not about one image and stops.
+    """
 
     preprocess: Callable[[list[Image.Image]], torch.Tensor]
 
-    def __call__(self, items: list[tuple[int, int, Image.Image | BadRecord]]) -> ImageBatch:
-        good = [(i, label, img) for i, label, img in items if isinstance(img, Image.Image)]
-        bad = [img for _, _, img in items if isinstance(img, BadRecord)]
-        if good:
-            pixel_values = self.preprocess([img for _, _, img in good])
-        else:
-            pixel_values = self.preprocess([Image.new("RGB", (64, 64))])[:0]
+    def __call__(self, items: list[tuple[int, int, Image.Image | BadRecord, str]]) -> ImageBatch:
+        good = [(i, label, img) for i, label, img, _ in items if isinstance(img, Image.Image)]
+        try:
+            pixels = [self.preprocess([img for _, _, img in good])] if good else []
+        except BackboneError:
+            raise
+        except Exception:
+            items, pixels = self._one_by_one(items)
+            good = [(i, label, img) for i, label, img, _ in items if isinstance(img, Image.Image)]
+        if not pixels:
+            pixels = [self.preprocess([Image.new("RGB", (64, 64))])[:0]]
         return ImageBatch(
             example_ids=np.asarray([i for i, _, _ in good], dtype=np.int64),
             labels=np.asarray([label for _, label, _ in good], dtype=np.int64),
-            pixel_values=pixel_values,
-            bad=bad,
+            pixel_values=torch.cat(pixels),
+            bad=[img for _, _, img, _ in items if isinstance(img, BadRecord)],
         )
+
+    def _one_by_one(
+        self, items: list[tuple[int, int, Image.Image | BadRecord, str]]
+    ) -> tuple[list[tuple[int, int, Image.Image | BadRecord, str]], list[torch.Tensor]]:
+        """``items`` with the images the preprocessor refuses made BadRecords, and the pixels
+        of the others (one (1, 3, H, W) tensor each)."""
+        checked, pixels = [], []
+        for i, label, img, where in items:
+            if isinstance(img, Image.Image):
+                try:
+                    pixels.append(self.preprocess([img]))
+                except BackboneError:
+                    raise
+                except Exception as err:
+                    reason = (
+                        f"the preprocessor cannot handle this {img.width}x{img.height} image "
+                        f"({type(err).__name__}: {err})"
+                    )
+                    img = BadRecord(example_id=i, where=where, reason=reason)
+            checked.append((i, label, img, where))
+        return checked, pixels
 
 
 def image_batches(

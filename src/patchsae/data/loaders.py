@@ -48,7 +48,7 @@ def token_batches(
     *,
     seed: int | None,
     layer: int | None = None,
-    tokens: Literal["all", "cls", "patches"] = "all",
+    tokens: Literal["all", "all_with_prompts", "cls", "patches"] = "all",
     window_images: int = 64,
     start_batch: int = 0,
     epochs: int | None = None,

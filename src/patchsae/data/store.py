@@ -17,10 +17,8 @@ either a complete shard or files that are rewritten on resume.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,16 +28,18 @@ import torch
 
 from patchsae.atomic import TMP_SUFFIX, atomic_file, write_json
 from patchsae.backbones import TokenLayout
-from patchsae.data.images import BadRecord, write_bad_report
+from patchsae.checksum import file_checksum, file_problem
+from patchsae.data.images import LEGACY_DATA_DEFAULTS, BadRecord, write_bad_report
+from patchsae.lock import LOCK, FolderLock
 
 FORMAT_VERSION = 1
-LOCK = ".lock"
 METADATA = "metadata.json"
 EXAMPLE_IDS = "example_ids.npy"
 LABELS = "labels.npy"
 BAD_IMAGES = "bad_images.json"
 SHARD_DIR = "shards"
-RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files", "devices")
+RESULT_KEYS = ("complete", "n_images", "n_bad", "shard_counts", "files", "devices", "checksums")
+INDEX_FILES = (EXAMPLE_IDS, LABELS, BAD_IMAGES)
 NAME_KEYS = ("backbone.name", "data.source", "data.class_names_file")
 DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 
@@ -117,23 +117,25 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _complete_entry(
-    root: Path, k: int, layers: Sequence[int]
+    root: Path, k: int, layers: Sequence[int], verify: bool | dict = False
 ) -> tuple[dict[str, Any], None] | tuple[None, str]:
     """``(entry, None)`` when shard ``k`` of the store ``root`` is complete on disk, else
     ``(None, why)``.
 
     Complete: its entry JSON is readable and lists exactly ``layers``, each file existing with
-    the recorded size.
+    the recorded size and, with ``verify``, the recorded checksum (entries written before
+    checksums existed are checked for size only). ``verify`` may be a dict: it then keeps the
+    checksum results by (file, size, mtime), so a file unchanged since is not read again.
     """
     path = entry_path(root, k)
     if not path.is_file():
         return None, f"shard entry {path.relative_to(root)} is missing"
     try:
         entry = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None, f"shard entry {path.relative_to(root)} is corrupt"
-    files = entry.get("files", {})
-    if sorted(files) != sorted(str(layer) for layer in layers):
+    files = entry.get("files", {}) if isinstance(entry, dict) else {}
+    if not isinstance(files, dict) or sorted(files) != sorted(str(layer) for layer in layers):
         return None, f"shard entry {path.relative_to(root)} lists layers {sorted(files)}"
     for info in files.values():
         file = root / info["path"]
@@ -144,12 +146,51 @@ def _complete_entry(
                 f"shard file {info['path']} has {file.stat().st_size} bytes, "
                 f"{info['bytes']} expected"
             )
+        problem = None
+        if verify is not False:
+            stat = file.stat()
+            key = (str(file), stat.st_size, stat.st_mtime_ns)
+            cache = verify if isinstance(verify, dict) else {}
+            if key not in cache:
+                cache[key] = file_problem(file, info.get("checksum"))
+            problem = cache[key]
+        if problem is not None:
+            return None, f"shard file {info['path']} {problem}"
     return entry, None
 
 
-def shard_problem(root: Path, k: int, layers: Sequence[int]) -> str | None:
-    """Why shard ``k`` of the store ``root`` is not complete on disk, or None when it is."""
-    return _complete_entry(root, k, layers)[1]
+def shard_problem(root: Path, k: int, layers: Sequence[int], verify: bool = False) -> str | None:
+    """Why shard ``k`` of the store ``root`` is not complete on disk, or None when it is;
+    ``verify`` also compares the shard files' checksums (reads every byte)."""
+    return _complete_entry(root, k, layers, verify)[1]
+
+
+def index_problem(root: Path, metadata: dict[str, Any]) -> str | None:
+    """Why the index files of a complete store do not hold what ``metadata`` recorded, or None.
+
+    Stores written before checksums existed are checked for presence only.
+    """
+    recorded = metadata.get("checksums") or {}
+    for name in INDEX_FILES:
+        problem = file_problem(root / name, recorded.get(name))
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def verify_store(root: str | os.PathLike) -> list[str]:
+    """Every problem of the store folder ``root``, reading every byte: metadata, index files,
+    each shard's entry, size and checksum. An empty list: the store is intact."""
+    root = Path(root)
+    metadata = _read_metadata(root / METADATA)
+    if not metadata.get("complete"):
+        return [f"{root} is incomplete: rerun the extract command that writes it"]
+    problems = [index_problem(root, metadata)]
+    problems += [
+        shard_problem(root, k, metadata["layers"], verify=True)
+        for k in range(len(metadata["shard_counts"]))
+    ]
+    return [p for p in problems if p is not None]
 
 
 class ShardWriter:
@@ -223,6 +264,7 @@ class ShardWriter:
             files[str(layer)] = {
                 "path": path.relative_to(self.root).as_posix(),
                 "bytes": path.stat().st_size,
+                "checksum": file_checksum(path),
             }
         self.arrays = {}
         entry = {**entry, "shard": self.index, "n_images": self.n_rows, "files": files}
@@ -232,24 +274,20 @@ class ShardWriter:
         return entry
 
 
-_LOCKED: set[Path] = set()
-_LOCKED_GUARD = threading.Lock()
-
-
 class StoreWriter:
     """Creates or resumes a store folder for a fixed ``plan`` (the metadata known before the run).
 
     Opening a folder that holds a store of another plan raises :class:`StoreError` naming the keys
-    that differ. While the writer is open, ``root/.lock`` holds a POSIX record lock (``lockf``):
-    it belongs to this process only, so forked DataLoader workers do not keep it after a kill.
-    A second writer on the same folder, in this process or another, is refused.
+    that differ. While the writer is open, the folder is locked (``patchsae.lock.FolderLock``):
+    a second writer on the same folder, in this process or another, is refused.
     """
 
     def __init__(self, root: str | os.PathLike, plan: dict[str, Any]) -> None:
         self.root = Path(root)
         self.plan = plan
-        self._lock_fd = -1
-        self._locked: Path | None = None
+        self._folder_lock: FolderLock | None = None
+        self._verified: dict[tuple[str, int, int], str | None] = {}  # checksum results
+        self.damage: str | None = None  # why a complete store had to be reopened
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"--out {self.root} is a file, not a folder; pass a store folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -261,22 +299,11 @@ class StoreWriter:
             raise
 
     def _lock(self) -> None:
-        lock_path = (self.root / LOCK).resolve()
         busy = StoreError(
             f"another process (or another writer in this process) is writing to {self.root}; "
             "wait for it or use another --out"
         )
-        with _LOCKED_GUARD:
-            if lock_path in _LOCKED:
-                raise busy
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise busy from None
-            _LOCKED.add(lock_path)
-        self._lock_fd, self._locked = fd, lock_path
+        self._folder_lock = FolderLock(self.root, busy)
 
     def _check_folder(self) -> bool:
         """Compare with or create ``metadata.json``; True when the store is complete on disk."""
@@ -293,6 +320,10 @@ class StoreWriter:
         existing = _read_metadata(meta_path)
         previous = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
         diff = differing_keys(previous, self.plan)
+        legacy = {f"data.{k}" for k in LEGACY_DATA_DEFAULTS if k not in previous.get("data", {})}
+        if diff and set(diff) <= legacy:
+            # written before these options existed: resumed as it was made (see data_option)
+            self.plan, diff = previous, []
         if diff and set(diff) <= set(NAME_KEYS):
             flat = _flatten(previous)
             was = ", ".join(f"{k}={flat.get(k)!r}" for k in diff)
@@ -307,11 +338,14 @@ class StoreWriter:
             )
         complete = bool(existing.get("complete"))
         n_shards = len(existing.get("shard_counts", []))
-        if complete and any(
-            shard_problem(self.root, k, self.plan["layers"]) for k in range(n_shards)
-        ):
-            write_json(meta_path, {**self.plan, "complete": False}, indent=1)
-            complete = False
+        if complete:
+            problems = [index_problem(self.root, existing)]
+            problems += [self._shard_problem(k) for k in range(n_shards)]
+            damaged = [p for p in problems if p is not None]
+            if damaged:
+                self.damage = damaged[0]
+                write_json(meta_path, {**self.plan, "complete": False}, indent=1)
+                complete = False
         if not complete:
             for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
                 tmp.unlink()
@@ -319,13 +353,8 @@ class StoreWriter:
 
     def close(self) -> None:
         """Release the lock (idempotent)."""
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-        if self._locked is not None:
-            with _LOCKED_GUARD:
-                _LOCKED.discard(self._locked)
-            self._locked = None
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -333,9 +362,19 @@ class StoreWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def data_option(self, key: str) -> Any:
+        """The store's ``data.<key>``; a store written before ``key`` existed gives the legacy
+        value it was made with (``LEGACY_DATA_DEFAULTS``)."""
+        return self.plan["data"].get(key, LEGACY_DATA_DEFAULTS.get(key))
+
+    def _shard_problem(self, k: int) -> str | None:
+        """Why shard ``k`` is not complete and intact (an unchanged file is hashed once)."""
+        return _complete_entry(self.root, k, self.plan["layers"], verify=self._verified)[1]
+
     def shard_entry(self, k: int) -> dict[str, Any] | None:
-        """The entry of shard ``k`` if the shard is complete on disk (files exist, sizes match)."""
-        return _complete_entry(self.root, k, self.plan["layers"])[0]
+        """The entry of shard ``k`` if the shard is complete on disk: files exist with the
+        recorded sizes and checksums (damaged shards are recomputed)."""
+        return _complete_entry(self.root, k, self.plan["layers"], verify=self._verified)[0]
 
     def shard(self, k: int, n_planned: int) -> ShardWriter:
         """A writer for shard ``k`` sized for ``n_planned`` images."""
@@ -355,6 +394,7 @@ class StoreWriter:
         atomic_save_npy(self.root / LABELS, np.concatenate(labels) if labels else np.zeros(0, int))
         write_bad_report(bad, self.root / BAD_IMAGES)
         results = {
+            "checksums": {name: file_checksum(self.root / name) for name in INDEX_FILES},
             "complete": True,
             "n_images": int(sum(e["n_images"] for e in entries)),
             "n_bad": len(bad),
@@ -365,6 +405,17 @@ class StoreWriter:
         write_json(self.root / METADATA, {**self.plan, **results}, indent=1)
         self.complete = True
         return self.root
+
+
+def _load_npy(root: Path, name: str | Path, mmap: bool = False) -> np.ndarray:
+    """``root/name`` read (or memory-mapped) by numpy; an unreadable file is a StoreError."""
+    try:
+        return np.load(root / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise StoreError(
+            f"{root} is damaged: {Path(name).as_posix()} is not a readable .npy file ({err}); "
+            "rerun the same extract command, which recomputes it"
+        ) from None
 
 
 class ActivationStore:
@@ -385,8 +436,13 @@ class ActivationStore:
         counts = np.asarray(metadata["shard_counts"], dtype=np.int64)
         self.shard_counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.example_ids = np.load(root / EXAMPLE_IDS, allow_pickle=False)
-        self.labels = np.load(root / LABELS, allow_pickle=False)
+        problem = index_problem(root, metadata)
+        if problem is not None:
+            raise StoreError(
+                f"{root} is damaged: {problem}; rerun the same extract command, which rewrites it"
+            )
+        self.example_ids = _load_npy(root, EXAMPLE_IDS)
+        self.labels = _load_npy(root, LABELS)
         self._maps: dict[tuple[int, int], np.ndarray] = {}
         if len(self.example_ids) != self.offsets[-1] or len(self.labels) != self.offsets[-1]:
             raise StoreError(f"{root}: index files do not match the shard counts; re-extract it")
@@ -440,7 +496,7 @@ class ActivationStore:
         key = (layer, k)
         if key not in self._maps:
             path = shard_path(self.root, layer, k)
-            self._maps[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+            self._maps[key] = _load_npy(self.root, path.relative_to(self.root), mmap=True)
         return self._maps[key]
 
     def _locate(self, i: int) -> tuple[int, int]:

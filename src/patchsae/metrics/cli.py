@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from patchsae.config import check_writable_file
 from patchsae.data.images import DataConfig
 from patchsae.metrics.evaluate import EvaluateError, evaluate, format_table, write_json
 from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityConfig
@@ -46,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_writable_file(args.out, EvaluateError, "--out")
     fidelity = None
     if args.data is not None:
         fidelity = FidelityConfig(

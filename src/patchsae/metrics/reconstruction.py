@@ -7,6 +7,7 @@ concatenated slice, whatever the batching.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -52,12 +53,14 @@ class _Sums:
 
 
 def _position_groups(layout: TokenLayout) -> dict[str, list[int]]:
-    """Token positions per group: cls (if any), patches, registers (if any)."""
+    """Token positions per group: cls (if any), patches, registers and prompts (if any)."""
     groups = {"patch": list(layout.patch_indices)}
     if layout.cls_index is not None:
         groups["cls"] = [layout.cls_index]
     if layout.extra_indices:
         groups["register"] = list(layout.extra_indices)
+    if layout.n_prompts:
+        groups["prompt"] = list(layout.prompt_indices)
     return groups
 
 
@@ -95,6 +98,7 @@ def reconstruction_metrics(
     sums = _Sums()
     fire_counts_m: torch.Tensor | None = None
     nnz_t: torch.Tensor | None = None  # nonzero codes per token position (T,), or in total (1,)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf inputs, summed
     try:
         for batch in tqdm(batches, desc="reconstruction", unit="batch", disable=not progress):
             x = torch.as_tensor(batch)
@@ -114,6 +118,7 @@ def reconstruction_metrics(
             if x.numel() == 0:
                 continue
             x = x.to(device=device, dtype=dtype)
+            nonfinite = nonfinite + (~torch.isfinite(x)).sum()
             codes = sae.encode(x)
             x_hat = sae.decode(codes)
             d = x.shape[-1]
@@ -128,6 +133,16 @@ def reconstruction_metrics(
         sae.train(was_training)
     if sums.n == 0 or fire_counts_m is None or nnz_t is None:
         raise MetricsError("no activations to evaluate: the slice of images is empty")
+    if nonfinite.item():
+        raise MetricsError(
+            f"the activations hold {nonfinite.item()} NaN or infinite values: the store is "
+            "damaged (check it with patchsae verify STORE) or the backbone overflowed"
+        )
+    if not math.isfinite(sums.sse):
+        raise MetricsError(
+            "the SAE's reconstructions hold NaN or infinite values on finite activations: its "
+            "weights are damaged or diverged (check it with patchsae verify SAE)"
+        )
     total_var = sums.m2_d.sum().item()
     fvu = sums.sse / total_var if total_var > 0 else float("nan")
     fvu_uncentred = sums.sse / sums.sum_sq if sums.sum_sq > 0 else float("nan")

@@ -1,7 +1,8 @@
 """SAE checkpoints: our versioned folder format, SAELens folders, original PatchSAE pickles.
 
 ``save(sae, dir)`` writes ``dir/sae.safetensors`` (the module's state dict) and ``dir/cfg.json``
-(``{"format": "patchsae-sae", "format_version": 1, "save_id", "sae": SAEConfig, **extra}``), each
+(``{"format": "patchsae-sae", "format_version": 1, "save_id", "sae": SAEConfig,
+"weights_checksum", **extra}``; ``load`` refuses weights whose checksum differs), each
 through a temporary file and ``os.replace``, weights first and cfg last. Both carry the same
 ``save_id``; until the new cfg is in place the previous weights stay readable as
 ``sae.previous.safetensors``, so an interrupted save leaves the previous checkpoint loadable.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import shutil
 import uuid
 import warnings
@@ -28,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from patchsae.atomic import write_json, write_with
+from patchsae.checksum import file_checksum, file_problem
 from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
@@ -42,7 +45,7 @@ CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"
 ORIGINAL_CONFIG_MODULE = "src.sae_training.config"
-RESERVED_KEYS = ("format", "format_version", "save_id", "sae")
+RESERVED_KEYS = ("format", "format_version", "save_id", "sae", "weights_checksum")
 
 SUPPORTED = (
     "a patchsae folder (cfg.json + sae.safetensors, or the sae.safetensors path), "
@@ -61,6 +64,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not readable JSON: {err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests lists or objects too deeply to be a config") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise CheckpointError(f"{path} is not a config: {err}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
@@ -93,7 +100,7 @@ def _check_tensors(
         problems.append(f"unexpected keys {unexpected}")
     for key, shape in expected.items():
         if key in found and tuple(found[key].shape) != tuple(shape):
-            problems.append(f"{key}: expected {tuple(shape)}, found {tuple(found[key].shape)}")
+            problems.append(f"{key}: expected {_shape_str(shape)}, found {tuple(found[key].shape)}")
     if problems:
         raise CheckpointError(
             f"{source} does not match its config: "
@@ -109,11 +116,38 @@ def _make_config(fields: dict[str, Any], source: str) -> SAEConfig:
         raise CheckpointError(f"{source}: invalid SAE config: {err}") from None
 
 
+def _expected_shapes(cfg: SAEConfig, source: str) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of ``make_sae(cfg)``, found on the meta device (nothing allocated),
+    so sizes a config declares are checked against the tensors a file holds before any
+    allocation."""
+    try:
+        with torch.device("meta"):
+            state = make_sae(cfg).state_dict()
+    except (RuntimeError, OverflowError, MemoryError, TypeError) as err:
+        raise CheckpointError(
+            f"{source}: the config declares sizes no SAE can have (d_in={_short(cfg.d_in)}, "
+            f"d_sae={_short(cfg.d_sae)}): {type(err).__name__}"
+        ) from None
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a line: crafted files hold deep lists and huge integers."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return reprlib.repr(value)
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(_short(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
 def _build(cfg: SAEConfig, tensors: Mapping[str, torch.Tensor], source: str, device: Any) -> SAE:
-    """A ``make_sae(cfg)`` module holding ``tensors`` (checked key by key), on ``device``."""
+    """A ``make_sae(cfg)`` module holding ``tensors`` (checked key by key before the module is
+    allocated), on ``device``."""
+    _check_tensors(tensors, _expected_shapes(cfg, source), source)
     sae = make_sae(cfg)
     state = sae.state_dict()
-    _check_tensors(tensors, {key: tuple(value.shape) for key, value in state.items()}, source)
     sae.load_state_dict({key: tensors[key].to(state[key].dtype) for key in state})
     return sae.to(device).eval()
 
@@ -146,7 +180,7 @@ def save(sae: SAE, dir: str | Path, extra: Mapping[str, Any] | None = None) -> P
     folder.mkdir(parents=True, exist_ok=True)
     _keep_previous(folder)
     write_with(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    write_json(folder / CFG, info)
+    write_json(folder / CFG, {**info, "weights_checksum": file_checksum(folder / WEIGHTS)})
     (folder / PREVIOUS).unlink(missing_ok=True)
     return folder
 
@@ -198,6 +232,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; expected {SUPPORTED}")
+    try:
+        return _load(path, device)
+    except CheckpointError:
+        raise
+    except (RecursionError, OverflowError, MemoryError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path} is not a usable checkpoint ({type(err).__name__}: {_short(str(err))})"
+        ) from None
+
+
+def _load(path: Path, device: Any) -> SAE:
     if path.is_file():
         if path.name in (WEIGHTS, SAELENS_WEIGHTS, CFG):
             path = path.parent
@@ -245,21 +290,42 @@ def _load_ours(folder: Path, info: dict[str, Any], device: Any) -> SAE:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder} has {CFG} but no {WEIGHTS}; both files are expected")
+    expected = info.get("weights_checksum")
+    if expected is not None:  # saved with a checksum: it alone decides which file is cfg.json's
+        problem = file_problem(weights, expected)
+        if problem is not None and file_problem(folder / PREVIOUS, expected) is None:
+            _warn_interrupted(folder)
+            weights = folder / PREVIOUS
+        elif problem is not None and _save_id(weights) != info.get("save_id"):
+            raise _different_saves(folder)
+        elif problem is not None:
+            raise CheckpointError(
+                f"{weights} {problem}: it was damaged after it was saved; use another copy or "
+                "save the SAE again"
+            )
+        return _build(cfg, _read_safetensors(weights)[0], str(weights), device)
     tensors, metadata = _read_safetensors(weights)
     if metadata.get("save_id") != info.get("save_id"):
         previous = folder / PREVIOUS
         if not (previous.is_file() and _save_id(previous) == info.get("save_id")):
-            raise CheckpointError(
-                f"{folder}: {WEIGHTS} and {CFG} come from different saves (an interrupted "
-                "save without the previous weights); save the SAE again"
-            )
-        warnings.warn(
-            f"{folder}: the last save was interrupted; loading the previous checkpoint",
-            stacklevel=3,
-        )
+            raise _different_saves(folder)
+        _warn_interrupted(folder)
         weights = previous
         tensors, _ = _read_safetensors(previous)
     return _build(cfg, tensors, str(weights), device)
+
+
+def _different_saves(folder: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{folder}: {WEIGHTS} and {CFG} come from different saves (an interrupted "
+        "save without the previous weights); save the SAE again"
+    )
+
+
+def _warn_interrupted(folder: Path) -> None:
+    warnings.warn(
+        f"{folder}: the last save was interrupted; loading the previous checkpoint", stacklevel=4
+    )
 
 
 def _load_original(path: Path, device: Any) -> SAE:
@@ -308,7 +374,9 @@ def _config_from_original(fields: dict[str, Any], source: str) -> SAEConfig:
         "mse_cls_coefficient": fields.get("mse_cls_coefficient", SAEConfig.mse_cls_coefficient),
     }
     if not isinstance(d_in, int) or not isinstance(d_sae, int):
-        raise CheckpointError(f"{source}: the config has no integer d_in / d_sae ({d_in}, {d_sae})")
+        raise CheckpointError(
+            f"{source}: the config has no integer d_in / d_sae ({_short(d_in)}, {_short(d_sae)})"
+        )
     return _make_config(ours, source)
 
 
@@ -348,7 +416,9 @@ def _load_saelens(folder: Path, info: dict[str, Any], device: Any) -> SAE:
     tensors, _ = _read_safetensors(weights)
     d_in, d_sae = info["d_in"], info["d_sae"]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (d_in, d_sae)):
-        raise CheckpointError(f"{folder / CFG}: d_in and d_sae must be integers ({d_in}, {d_sae})")
+        raise CheckpointError(
+            f"{folder / CFG}: d_in and d_sae must be integers ({_short(d_in)}, {_short(d_sae)})"
+        )
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if arch == "jumprelu":
         if "log_threshold" in tensors and "threshold" not in tensors:

@@ -5,8 +5,9 @@ produce: the zip archive (``data.pkl`` + ``data/<key>`` storages), the legacy st
 protocol, system info, object, storage keys, raw storages) and a plain pickle, optionally gzipped.
 The unpickler resolves globals only from an explicit allow-list:
 
-- plain containers (``collections.OrderedDict``, ``set``, ``frozenset``), ``torch.device``,
-  ``torch.Size``, torch dtypes and storage types;
+- plain containers (``collections.OrderedDict``, ``set``, ``frozenset``; a
+  ``collections.defaultdict(dict)``, as pickled optimiser state holds, becomes a plain ``dict``),
+  ``torch.device``, ``torch.Size``, torch dtypes and storage types;
 - tensor rebuilding (``torch._utils._rebuild_tensor_v2``, ``_rebuild_tensor``,
   ``_rebuild_parameter``, ``torch.storage._load_from_bytes``), re-implemented here over storages
   read by this module, with bounds checks;
@@ -45,6 +46,8 @@ import torch
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_CHECKPOINT_BYTES = 16 * 2**30
+MAX_INFLATION = 4.0
+INFLATION_FLOOR_BYTES = 2**20
 READ_CHUNK_BYTES = 2**20
 
 STORAGE_DTYPES = {
@@ -165,6 +168,38 @@ class _Copying:
         return self.build(*args)
 
 
+class _ExactStream:
+    """A pickle stream whose reads return exactly the bytes asked for, or fail
+    (``UnpicklingError``): an opcode
+    that declares more bytes than the stream holds (a crafted length, a truncated file) is named
+    instead of silently reading less."""
+
+    def __init__(self, stream: io.BytesIO) -> None:
+        self.stream = stream
+        here = stream.tell()
+        self.size = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+
+    def remaining(self) -> int:
+        return self.size - self.stream.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n > self.remaining():
+            raise pickle.UnpicklingError(
+                f"the pickle asks for {n} bytes at offset {self.stream.tell()} but only "
+                f"{self.remaining()} remain: the file is truncated or declares a false length"
+            )
+        return self.stream.read(n)
+
+    def readline(self) -> bytes:
+        line = self.stream.readline()
+        if not line.endswith(b"\n"):
+            raise pickle.UnpicklingError(
+                "the pickle ends inside a text opcode: the file is truncated"
+            )
+        return line
+
+
 class _Storage:
     """A storage read by this module: a flat 1-D tensor of one dtype."""
 
@@ -217,7 +252,28 @@ def _rebuild_tensor(
                 f"tensor of size {size}, stride {stride}, offset {offset} reads past the end "
                 f"of its storage ({numel} elements)"
             )
+        if _overlaps(size, stride):
+            raise PickleRefused(
+                f"tensor of size {size}, stride {stride} reads some storage elements more than "
+                "once (a stride-0 or overlapping view): a small file would unfold into a large "
+                "tensor; a checkpoint holds each element once"
+            )
     return torch.as_strided(storage.flat, size, stride, offset)
+
+
+def _overlaps(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True when two indices of the strided view (``size``, ``stride``) reach one element.
+
+    Sufficient test for no overlap: with the dims of size > 1 sorted by stride, each stride
+    exceeds the farthest element the smaller dims reach. Views ``torch.save`` writes (slices,
+    transposes, contiguous tensors) pass; ``expand``-ed (stride 0) tensors do not.
+    """
+    reach = 0
+    for step, n in sorted((s, n) for n, s in zip(size, stride, strict=True) if n > 1):
+        if step <= reach:
+            return True
+        reach += (n - 1) * step
+    return False
 
 
 def _rebuild_tensor_v2(
@@ -243,6 +299,18 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data
 
 
+_DICT_FACTORY = object()
+"""What ``builtins.dict`` resolves to: an inert marker, only accepted as a defaultdict factory."""
+
+
+def _plain_dict(factory: Any = None) -> dict:
+    """``collections.defaultdict(dict)`` rebuilt as an empty plain dict (filled by SETITEMS); the
+    factory is never called."""
+    if factory is not None and factory is not _DICT_FACTORY:
+        raise PickleRefused("collections.defaultdict is only allowed with dict as its factory")
+    return {}
+
+
 def _placeholder_class(module: str, name: str, budget: _Budget) -> type[Placeholder]:
     return type(
         name, (Placeholder,), {"pickled_module": module, "pickled_name": name, "budget": budget}
@@ -265,7 +333,8 @@ class _Unpickler(pickle._Unpickler):
         budget: _Budget,
         encoded: dict[str, bytes],
     ) -> None:
-        super().__init__(file)
+        self._exact = _ExactStream(file)
+        super().__init__(self._exact)
         self._placeholder_modules = frozenset(placeholder_modules)
         self._load_storage = load_storage
         self._budget = budget
@@ -311,6 +380,10 @@ class _Unpickler(pickle._Unpickler):
         }
         if key in fixed:
             return fixed[key]
+        if key == ("builtins", "dict"):
+            return _DICT_FACTORY
+        if key == ("collections", "defaultdict"):
+            return _plain_dict
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         if module == "torch" and name in TORCH_DTYPES:
@@ -335,6 +408,18 @@ class _Unpickler(pickle._Unpickler):
             )
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load_bytearray8(self) -> None:
+        """BYTEARRAY8, its length checked against the bytes left before it is allocated."""
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > self._exact.remaining():
+            raise pickle.UnpicklingError(
+                f"a bytearray of {size} bytes is declared but only {self._exact.remaining()} "
+                "remain: the file is truncated or declares a false length"
+            )
+        self.append(bytearray(self.read(size)))
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def persistent_load(self, pid: Any) -> Any:
         if self._load_storage is None:
@@ -385,19 +470,45 @@ def _too_large(what: str, limit: int) -> PickleRefused:
     )
 
 
-def _read_capped(handle: IO[bytes], limit: int, what: str) -> bytes:
-    """All of ``handle``, read (and decompressed) in chunks; refused once past ``limit`` bytes."""
+def _inflation_limit(compressed: int, max_inflation: float) -> float:
+    """The most bytes ``compressed`` bytes may decompress to (never less than 1 MiB)."""
+    return max(INFLATION_FLOOR_BYTES, max_inflation * compressed)
+
+
+def _check_inflation(size: int, compressed: int, max_inflation: float, what: str) -> None:
+    if size > _inflation_limit(compressed, max_inflation):
+        raise PickleRefused(
+            f"{what} decompresses from {compressed} to at least {size} bytes, more than "
+            f"max_inflation={max_inflation:g} times: weights barely compress, so this is a "
+            "decompression bomb; pass a larger max_inflation if the file is trusted"
+        )
+
+
+def _read_capped(handle: IO[bytes], limit: int, what: str, stop_after: int | None = None) -> bytes:
+    """All of ``handle``, read (and decompressed) in chunks; refused once past ``limit`` bytes.
+
+    With ``stop_after``, reading also stops after the first chunk that passes it (the caller
+    then refuses what it got).
+    """
     buffer = io.BytesIO()
     while chunk := handle.read(READ_CHUNK_BYTES):
         if buffer.tell() + len(chunk) > limit:
             raise _too_large(what, limit)
         buffer.write(chunk)
+        if stop_after is not None and buffer.tell() > stop_after:
+            break
     return buffer.getvalue()
 
 
-def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str], max_bytes: int) -> Any:
+def _read_zip(
+    archive: zipfile.ZipFile,
+    placeholder_modules: Iterable[str],
+    max_bytes: int,
+    max_inflation: float,
+) -> Any:
     """The object of a zip-format ``torch.save`` archive, reading at most ``max_bytes``
-    uncompressed bytes from its members."""
+    uncompressed bytes from its members, none inflating past ``max_inflation`` times its
+    compressed size."""
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise PickleRefused("zip archive is not a torch checkpoint: no single <name>/data.pkl")
@@ -407,7 +518,10 @@ def _read_zip(archive: zipfile.ZipFile, placeholder_modules: Iterable[str], max_
 
     def read_member(name: str) -> bytes:
         nonlocal left
-        size = archive.getinfo(name).file_size
+        info = archive.getinfo(name)
+        size = info.file_size
+        if info.compress_type != zipfile.ZIP_STORED:
+            _check_inflation(size, info.compress_size, max_inflation, f"zip member {name}")
         if size > left:
             raise _too_large(
                 f"zip member {name} ({size} bytes) with the members read before", max_bytes
@@ -507,13 +621,16 @@ def read_pickled_checkpoint(
     path: str | Path,
     placeholder_modules: Iterable[str] = (),
     max_bytes: int = MAX_CHECKPOINT_BYTES,
+    max_inflation: float = MAX_INFLATION,
 ) -> Any:
     """The object stored at ``path`` by ``torch.save`` (zip or legacy) or ``pickle.dump`` (gzip
     or not), rebuilt without importing or calling anything outside the allow-list.
 
     ``max_bytes`` caps the uncompressed bytes read: the whole plain or gzip stream, or the zip
-    members together. Raises ``PickleRefused`` for a refused global, a file past ``max_bytes``
-    or a malformed file.
+    members together. ``max_inflation`` caps what compressed data may decompress to: a gzip
+    stream or a compressed zip member at most that many times its compressed size (at least
+    1 MiB). Raises ``PickleRefused`` for a refused global, a file past either cap or a
+    malformed file.
     """
     path = Path(path)
     placeholder_modules = tuple(placeholder_modules)
@@ -522,10 +639,13 @@ def read_pickled_checkpoint(
     try:
         if head.startswith(b"PK\x03\x04"):
             with zipfile.ZipFile(path) as archive:
-                return _read_zip(archive, placeholder_modules, max_bytes)
+                return _read_zip(archive, placeholder_modules, max_bytes, max_inflation)
         if head.startswith(b"\x1f\x8b"):
+            compressed = path.stat().st_size
+            inflated = int(_inflation_limit(compressed, max_inflation))
             with gzip.open(path, "rb") as handle:
-                data = _read_capped(handle, max_bytes, f"{path} (decompressed)")
+                data = _read_capped(handle, max_bytes, f"{path} (decompressed)", inflated)
+            _check_inflation(len(data), compressed, max_inflation, f"{path} (gzip)")
         else:
             with open(path, "rb") as handle:
                 data = _read_capped(handle, max_bytes, str(path))
@@ -533,11 +653,27 @@ def read_pickled_checkpoint(
     except PickleRefused:
         raise
     except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, struct.error) as err:
-        raise PickleRefused(f"{path} is not a readable checkpoint: {err}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as err:
+        raise PickleRefused(f"{path} is not a readable checkpoint: {_reason(err)}") from None
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        RuntimeError,
+        RecursionError,
+        OverflowError,
+        MemoryError,
+    ) as err:
         raise PickleRefused(
-            f"{path} is not a readable checkpoint: {type(err).__name__}: {err}"
+            f"{path} is not a readable checkpoint: {type(err).__name__}: {_reason(err)}"
         ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """``str(err)``, cut to one line; the class name when the error carries no message."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    return text[:300] or f"{type(err).__name__} (the file ends early or is malformed)"
 
 
 def _read_stream(data: bytes, placeholder_modules: tuple[str, ...]) -> Any:

@@ -8,13 +8,15 @@ Layout of ``OUT/checkpoint/`` (format_version 1):
   counters (``{member}.counters``), firing windows (``{member}.firing.{key}``) and RNG states
   (``rng.torch``, ``rng.cuda.{i}``) as uint8 tensors;
 - ``trainer_state.json``: step, images and tokens seen, data position, optimiser hyper-parameters,
-  the full training config. Written last: its presence marks the checkpoint complete.
+  the full training config and ``checksums`` (relative path -> ``patchsae.checksum`` of every
+  other file, verified on resume). Written last: its presence marks the checkpoint complete.
 
 A checkpoint is written into ``OUT/ckpt-tmp/`` (every file fsynced, then the folders) and then
 swapped in by renames (``checkpoint`` -> ``ckpt-old``, ``ckpt-tmp`` -> ``checkpoint``, ``OUT``
 fsynced, delete ``ckpt-old``), so a kill or a power cut at any moment leaves a complete
 ``checkpoint`` or ``ckpt-old`` behind. A checkpoint damaged all the same (a truncated or
-missing file) is refused on reading with a ``TrainingError`` that names the file and the way out.
+missing file, or bytes changed in place) is refused on reading with a ``TrainingError`` that names
+the file and the way out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from patchsae.atomic import write_json, write_with
+from patchsae.checksum import file_checksum, file_problem
 from patchsae.sae.io import CheckpointError, load, save
 from patchsae.train.errors import TrainingError
 
@@ -102,7 +105,14 @@ def write_checkpoint(
         save(sae, tmp / name)
         fsync_dir(tmp / name)
     write_with(tmp / STATE_TENSORS, lambda path: save_file(tensors, str(path)))
-    write_json(tmp / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+    checksums = {
+        file.relative_to(tmp).as_posix(): file_checksum(file)
+        for file in sorted(tmp.rglob("*"))
+        if file.is_file()
+    }
+    write_json(
+        tmp / STATE_JSON, {"format_version": FORMAT_VERSION, **state, "checksums": checksums}
+    )
     fsync_dir(tmp)
     if current.exists():
         if old.exists():
@@ -159,6 +169,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             f"{path} holds a trainer checkpoint of format {state['format_version']}, this "
             f"version reads format {FORMAT_VERSION}: resume it with the version that wrote it"
         )
+    checksums = state.get("checksums") or {}
+    if not isinstance(checksums, dict):
+        raise damaged(path, path / STATE_JSON, "has no valid checksums entry")
+    for name, expected in checksums.items():
+        problem = file_problem(path / name, expected)
+        if problem is not None:
+            raise damaged(path, path / name, problem)
     try:
         tensors = load_file(str(path / STATE_TENSORS))
     except (OSError, SafetensorError) as err:

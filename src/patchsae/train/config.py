@@ -6,11 +6,12 @@ options as ``patchsae evaluate``'s fidelity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from patchsae.config import ConfigError, from_dict, to_dict
-from patchsae.data.images import DataConfig
+from patchsae.data.images import LEGACY_DATA_DEFAULTS, DataConfig
 from patchsae.metrics.fidelity import FidelityConfig
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.geometric_median import InitMethod
@@ -40,7 +41,7 @@ class TrainConfig:
     batch_images: int = 128
     batch_tokens: int = 4096
     window_images: int = 64
-    tokens: Literal["all", "cls", "patches"] = "all"
+    tokens: Literal["all", "all_with_prompts", "cls", "patches"] = "all"
     total_images: int | None = 2_621_440
     total_tokens: int | None = None
     lr: float = 4e-4
@@ -86,16 +87,23 @@ class TrainConfig:
             "log_every": self.log_every,
             "warmup_steps": self.warmup_steps,
             "b_dec_init_maxiter": self.b_dec_init_maxiter,
-            "total_images": self.total_images or 1,
-            "total_tokens": self.total_tokens or 1,
+            "total_images": self.total_images,
+            "total_tokens": self.total_tokens,
         }
-        bad = [k for k, v in positive.items() if v <= 0]
+        bad = [k for k, v in positive.items() if v is not None and v <= 0]
         if bad:
             raise ConfigError(f"{bad} must be positive integers")
         if self.eval_images < 0 or self.dead_feature_window < 0 or self.prefetch_batches < 0:
             raise ConfigError("eval_images, dead_feature_window and prefetch_batches must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(
+                f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)} "
+                "(the default is [0.9, 0.999])"
+            )
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"adam_eps must be a positive finite number, got {self.adam_eps}")
         if self.batch_mode == "tokens" and self.b_dec_init == "geometric_median_images":
             raise ConfigError(
                 "b_dec_init=geometric_median_images needs whole images: use batch_mode=images, "
@@ -137,5 +145,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         return items
 
     a, b = flat(saved), flat(current)
+    if isinstance(saved.get("data"), dict):
+        for key, value in LEGACY_DATA_DEFAULTS.items():
+            a.setdefault(f"data.{key}", value)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]

@@ -23,11 +23,12 @@ images through the CLIP backbone (rank 0 only).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ import torch
 from tqdm import tqdm
 
 from patchsae.atomic import json_ready, write_json, write_text
+from patchsae.backbones.loading import check_device
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
 from patchsae.data.prefetch import Prefetcher
+from patchsae.lock import FolderLock
 from patchsae.metrics.fidelity import FidelityError, FidelityScorer
 from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
@@ -58,6 +61,7 @@ from patchsae.train.checkpoint import (
 )
 from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
+from patchsae.train.health import Watch, check_finite
 from patchsae.train.optim import adam
 from patchsae.train.sources import open_source
 
@@ -75,6 +79,7 @@ class Member:
     counters: torch.Tensor
     firing: FiringWindow
     out_dir: Path
+    watch: Watch = field(default_factory=Watch)
 
     @property
     def ckpt_name(self) -> str:
@@ -255,9 +260,12 @@ class _Logger:
         if not self.enabled:
             return
         _append_jsonl(m.out_dir / METRICS, record)
+        if "warning" in record:
+            tqdm.write(f"warning: {record['warning']}")
         if self.run is not None:
             prefix = f"{m.name}/" if m.name else ""
-            self.run.log({prefix + k: v for k, v in record.items()}, step=record["step"])
+            values = {prefix + k: v for k, v in record.items() if k != "warning"}
+            self.run.log(values, step=record["step"])
 
     def close(self) -> None:
         if self.run is not None:
@@ -368,6 +376,10 @@ def _evaluate(
                 m.sae, held_out, source.eval_layout, device=m.counters.device, progress=False
             )
             record.update({f"eval/{k}": v for k, v in metrics.items()})
+            diverging = progress["step"] > 0 and metrics["fvu"] > 1  # untrained SAEs may be > 1
+            warning = m.watch.observe("fvu", diverging, progress["step"], m.label, Path(cfg.out))
+            if warning:
+                record["warning"] = warning
         if fidelity is not None:
             record.update({f"eval/fidelity/{k}": v for k, v in fidelity(m.sae).items()})
         log.log(m, record)
@@ -380,12 +392,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     is none), refusing a config that differs from the saved one. Under ``torchrun`` each process
     trains on its slice of every global batch; only rank 0 writes.
     """
+    check_device(cfg.device)
     d = ddp.setup(cfg.device)
     clean = False
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     try:
-        out = _train(cfg, resume, d)
+        with contextlib.ExitStack() as held:
+            out = _train(cfg, resume, d, held)
         clean = True
         return out
     finally:
@@ -393,7 +407,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         ddp.teardown(d, clean)
 
 
-def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
+def _lock_run(out: Path, d: ddp.Dist, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run folder for the whole run (``held``); every rank learns whether it
+    could, so a refused lock stops all ranks with one line instead of leaving them waiting."""
+    refused = None
+    if d.is_main:
+        try:
+            held.enter_context(_lock_out(out))
+        except TrainingError as err:
+            refused = err
+    locked = ddp.broadcast_(torch.tensor([refused is None], device=d.device), d)
+    if refused is not None:
+        raise refused
+    if not bool(locked.item()):
+        raise TrainingError(f"rank 0 could not lock the run folder {out}: see its error")
+
+
+def _lock_out(out: Path) -> FolderLock:
+    """Create the run folder ``out`` and lock it for this process (rank 0) for the whole run."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"out={out} is a file, not a folder: choose a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    busy = TrainingError(
+        f"another train process is writing to {out}; wait for it to finish, or choose another out="
+    )
+    return FolderLock(out, busy)
+
+
+def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitStack) -> Path:
+    """The run; ``held`` keeps the run folder's lock (rank 0) until the caller's exit."""
     out = Path(cfg.out)
     source = open_source(cfg, d.device)
     _check_compatible(cfg, source, d.world_size)
@@ -408,6 +450,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
         tokens_per_step = cfg.batch_tokens
     n_steps = plan_steps(cfg, tpi)
     members = _build_members(cfg, d.device, tokens_per_step)
+    _lock_run(out, d, held)
     state = _prepare_out(cfg, resume)
     ddp.barrier(d)
     if d.is_main:
@@ -456,14 +499,29 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist) -> Path:
             bar.update(1)
             bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
-            if progress["step"] % cfg.log_every == 0 or done:
+            logging = progress["step"] % cfg.log_every == 0 or done
+            saving = progress["step"] % cfg.checkpoint_every == 0 or done
+            if logging or saving:
+                for m in members:
+                    check_finite(m.sae, m.opt, progress["step"], m.label, out)
+            if logging:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
-                    speed = {"tokens_per_s": rate, "input_wait_s": waited, "elapsed_s": elapsed}
-                    log.log(m, {**head, **record, **m.firing.fractions(), **speed})
+                    line = {
+                        **head,
+                        **record,
+                        **m.firing.fractions(),
+                        "tokens_per_s": rate,
+                        "input_wait_s": waited,
+                        "elapsed_s": elapsed,
+                    }
+                    warning = m.watch.observe(
+                        "dead", line["frac_dead"] >= 1.0, progress["step"], m.label, out
+                    )
+                    log.log(m, {**line, "warning": warning} if warning else line)
             if evaluating and d.is_main and (progress["step"] % cfg.eval_every == 0 or done):
                 _evaluate(cfg, members, source, fidelity, progress, log)
-            if d.is_main and (progress["step"] % cfg.checkpoint_every == 0 or done):
+            if d.is_main and saving:
                 _checkpoint(cfg, members, progress, source)
     finally:
         if isinstance(batches, Prefetcher):
