@@ -95,7 +95,7 @@ class StoreSource(Source):
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.store = ActivationStore.open(cfg.store)
-        extracted_from = self.store.metadata.get("backbone", {}).get("name")
+        extracted_from = self.store.meta.backbone.get("name")
         model = resolve_local(cfg.model)
         if model is not None and extracted_from is not None and model != extracted_from:
             raise SourceError(
