@@ -58,7 +58,7 @@ from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
 from patchsae.train.health import check_finite
 from patchsae.train.log import METRICS, Logger, truncate_metrics
-from patchsae.train.sources import open_source
+from patchsae.train.sources import BatchSource, open_source
 from patchsae.train.step import Member, lr_at, train_step
 
 TRAIN_CONFIG = "train_config.json"
@@ -78,7 +78,7 @@ def plan_steps(cfg: TrainConfig, tokens_per_image: int) -> int:
     return max(1, min(limits))
 
 
-def _check_compatible(cfg: TrainConfig, source: Any, world_size: int) -> None:
+def _check_compatible(cfg: TrainConfig, source: BatchSource, world_size: int) -> None:
     for i, sae_cfg in enumerate(cfg.sae_configs()):
         where = f"sweep[{i}]" if cfg.sweep else "sae"
         if sae_cfg.arch == "batchtopk" and world_size > 1:
@@ -176,7 +176,7 @@ def _restore(state: dict[str, Any], members: list[Member]) -> None:
 
 
 def _checkpoint(
-    cfg: TrainConfig, members: list[Member], progress: dict[str, Any], source: Any
+    cfg: TrainConfig, members: list[Member], progress: dict[str, Any], source: BatchSource
 ) -> None:
     tensors = rng_tensors()
     meta = {}
@@ -198,7 +198,9 @@ def _checkpoint(
     write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
 
 
-def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> FidelityScorer | None:
+def _fidelity_scorer(
+    cfg: TrainConfig, source: BatchSource, device: torch.device
+) -> FidelityScorer | None:
     """The scorer of ``cfg.fidelity`` (None when unset), checked before the output is touched.
 
     A streaming run scores through its own backbone; a store run through ``model`` or the
@@ -211,8 +213,8 @@ def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> Fid
             cfg.fidelity,
             source.layer_index,
             model=cfg.model,
-            store=getattr(source, "store", None),
-            backbone=getattr(source, "backbone", None),
+            store=source.store,
+            backbone=source.backbone,
             device=device,
         )
     except FidelityError as err:
@@ -222,7 +224,7 @@ def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> Fid
 def _evaluate(
     cfg: TrainConfig,
     members: list[Member],
-    source: Any,
+    source: BatchSource,
     fidelity: FidelityScorer | None,
     progress: dict,
     log: Logger,
@@ -375,7 +377,6 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
     if d.is_main:
         for m in members:
             save(m.sae, m.out_dir, extra={k: progress[k] for k in ("step", "images", "tokens")})
-        bad_records = getattr(source, "bad", [])
-        if bad_records:
-            write_bad_report(bad_records, out / "bad_images.json")
+        if source.bad:
+            write_bad_report(list(source.bad), out / "bad_images.json")
     return out
