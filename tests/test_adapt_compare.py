@@ -212,3 +212,51 @@ def test_compare_cli_bad_input_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "k must be >= 1" in err[0]
+
+
+def test_masking_protocol_on_the_adapted_model(setup):
+    """The classify runs inside compare: accuracies equal a direct computation, k = all equals
+    the spliced model, and the gain shares follow from the accuracies."""
+    pytest.importorskip("patchsae.classify")
+    from patchsae.metrics.fidelity import zero_shot_classifier
+
+    cfg = CompareConfig(
+        sae=str(setup["sae"]),
+        base=str(setup["model"]),
+        tokenizer=str(CLIP_TOKENIZER),
+        adapted=str(setup["adapters"]["maple"]),
+        data=DataConfig(str(setup["images"])),
+        layer=1,
+        out=str(setup["root"] / "maple-mask"),
+        k=5,
+        classify_split="train",
+        ks=(1, 5, 0),
+    )
+    out = json.loads((compare(cfg).parent / "compare.json").read_text())["masking"]
+    assert out["protocol"] == "same_split"
+    from patchsae.data.images import open_images
+
+    source = open_images(cfg.data)
+    labels = torch.as_tensor(source.labels)
+    adapted = load_backbone(cfg.adapted)
+    base = load_backbone(cfg.base, tokenizer=CLIP_TOKENIZER)
+    with torch.no_grad():
+        for backbone, key in ((adapted, "adapted"), (base, "zero_shot_base")):
+            pixels = backbone.preprocess([source.load(i) for i in range(len(source))])
+            image = backbone.forward_from(backbone.encode(pixels, -1), -1)
+            text = zero_shot_classifier(backbone, source.class_names, adapted.templates)
+            acc = float(((image @ text.T).argmax(-1) == labels).float().mean())
+            assert out[key] == pytest.approx(acc), key
+    assert out["adaptation_gain"] == pytest.approx(out["adapted"] - out["zero_shot_base"])
+    by_k = {row["k"]: row for row in out["by_k"]}
+    assert set(by_k) == {"1", "5", "all"}
+    assert by_k["all"]["on_base_latents"] == pytest.approx(out["adapted_spliced"])
+    assert by_k["all"]["on_adapted_latents"] == pytest.approx(out["adapted_spliced"])
+    for row in out["by_k"]:
+        gain = out["adaptation_gain"]
+        want = (row["on_base_latents"] - out["zero_shot_base"]) / gain if gain else None
+        assert row["gain_kept_base_latents"] == (pytest.approx(want) if want is not None else None)
+    assert (
+        "## Masking on the adapted model"
+        in (setup["root"] / "maple-mask" / "report.md").read_text()
+    )

@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "overrides",
         nargs="*",
-        help="dotted key=value overrides: sae= base= adapted= data.source= layer= out= k=",
+        help=(
+            "dotted key=value overrides: sae= base= adapted= data.source= layer= out= k= "
+            "classify_split= (runs the masking protocol on that split)"
+        ),
     )
     c.set_defaults(func=_compare)

@@ -16,12 +16,22 @@ each resumable), and the two are compared:
   ``adapted_evidence_on_adapted_top`` and ``base_evidence_on_base_top``, the same shares on each
   model's own top-k, as the reference points.
 
+With ``classify_split`` set, the masking protocol of ``patchsae classify`` also runs on the
+adapted model over that split (``OUT/classify-*``, each resumable): its zero-shot, spliced and
+"on" accuracies (only the top-k latents of the image's class kept) with the class latents
+ranked by the base model's atlas and by the adapted model's; the zero-shot accuracy of the base
+model; the adaptation gain = adapted minus base zero-shot accuracy; and per k the share of that
+gain kept with base-model class latents, ``(on_k(base latents) - zero_shot) / gain`` (and the
+same with adapted-model latents, for reference). All runs use the adapter's one class prompt
+(``"a photo of a {name}."`` for the default ``ctx_init``).
+
 Undefined values (a class on which no latent fires) are NaN in memory and null in JSON.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +46,11 @@ from .config import AdaptError
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """One comparison: ``sae`` on layer ``layer`` of ``base`` (a CLIP) and ``adapted`` (an
-    adapter folder, e.g. a ``patchsae adapt`` run), over the labelled images ``data``."""
+    """One comparison: ``sae`` on layer ``layer`` of ``base`` (a CLIP; ``tokenizer`` when it has
+    none) and ``adapted`` (an adapter folder, e.g. a ``patchsae adapt`` run), over the labelled
+    images ``data``. ``classify_split``: the split of ``data.source`` the masking protocol
+    classifies (None: no masking; the atlases' own split is the paper's same-split protocol),
+    with ``ks`` latents per class (0 = all)."""
 
     sae: str
     base: str
@@ -45,7 +58,10 @@ class CompareConfig:
     data: DataConfig
     layer: int
     out: str
+    tokenizer: str | None = None
     k: int = 10
+    classify_split: str | None = None
+    ks: tuple[int, ...] = (1, 2, 5, 10, 50, 100, 0)
     by: Literal["class_counts", "class_mean_act"] = "class_counts"
     threshold: float = 0.2
     aggregate: Literal["mean", "max"] = "mean"
@@ -199,11 +215,89 @@ def compare_atlases(base: AtlasDataset, adapted: AtlasDataset, k: int, by: str) 
     return {"latents": arrays, "latent_summary": summary, "classes": rows, "class_means": classes}
 
 
+def _summary(folder: Path) -> dict[tuple[str, str], float]:
+    """``(condition, k)`` -> accuracy from a classify run's ``summary.csv``."""
+    with open(folder / "summary.csv", newline="") as f:
+        return {(r["condition"], r["k"]): float(r["accuracy"]) for r in csv.DictReader(f)}
+
+
+def masking(cfg: CompareConfig) -> dict[str, Any]:
+    """The classify runs of the module docstring and the numbers drawn from them."""
+    from patchsae.backbones import load_backbone
+    from patchsae.classify import ClassifyConfig, classify
+
+    out = Path(cfg.out)
+    data = replace(cfg.data, split=cfg.classify_split)
+    templates = load_backbone(cfg.adapted, device=cfg.device).templates
+    common = {
+        "data": data,
+        "templates": templates,
+        "batch_size": cfg.batch_images or 32,
+        "num_workers": cfg.num_workers,
+        "device": cfg.device,
+        "plot": False,
+    }
+    zero_shot = classify(
+        ClassifyConfig(
+            model=cfg.base,
+            out=str(out / "classify-zero-shot"),
+            tokenizer=cfg.tokenizer,
+            selections=(),
+            **common,
+        )
+    )
+    runs = {}
+    for source in ("base", "adapted"):
+        runs[source] = _summary(
+            classify(
+                ClassifyConfig(
+                    model=cfg.adapted,
+                    out=str(out / f"classify-{source}-latents"),
+                    sae=cfg.sae,
+                    layer=cfg.layer,
+                    atlas=str(out / f"atlas-{source}"),
+                    selections=("class",),
+                    ks=cfg.ks,
+                    modes=("on",),
+                    same_split=cfg.classify_split == cfg.data.split,
+                    **common,
+                )
+            )
+        )
+    zs = _summary(zero_shot)[("unspliced", "")]
+    adapted = runs["base"][("unspliced", "")]
+    gain = adapted - zs
+    rows = []
+    for k in cfg.ks:
+        key = ("on", str(k) if k else "all")
+        on_base, on_adapted = runs["base"][key], runs["adapted"][key]
+        rows.append(
+            {
+                "k": key[1],
+                "on_base_latents": on_base,
+                "on_adapted_latents": on_adapted,
+                "gain_kept_base_latents": (on_base - zs) / gain if gain else float("nan"),
+                "gain_kept_adapted_latents": (on_adapted - zs) / gain if gain else float("nan"),
+            }
+        )
+    return {
+        "split": cfg.classify_split,
+        "protocol": "same_split" if cfg.classify_split == cfg.data.split else "held_out",
+        "zero_shot_base": zs,
+        "adapted": adapted,
+        "adapted_spliced": runs["base"][("spliced", "")],
+        "adaptation_gain": gain,
+        "by_k": rows,
+    }
+
+
 def compare(cfg: CompareConfig) -> Path:
-    """Both atlases (computed or finished), the comparison and its report in ``cfg.out``;
-    returns the report's path."""
+    """Both atlases (computed or finished), the comparison, the masking runs (with
+    ``classify_split``) and the report in ``cfg.out``; returns the report's path."""
     from .report import write_report
 
     base = _atlas(cfg, cfg.base, "atlas-base")
     adapted = _atlas(cfg, cfg.adapted, "atlas-adapted")
-    return write_report(compare_atlases(base, adapted, cfg.k, cfg.by), cfg, Path(cfg.out))
+    result = compare_atlases(base, adapted, cfg.k, cfg.by)
+    result["masking"] = masking(cfg) if cfg.classify_split is not None else None
+    return write_report(result, cfg, Path(cfg.out))

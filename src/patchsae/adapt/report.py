@@ -55,6 +55,9 @@ DEFINITIONS = {
     "values for class c / their sum over all latents",
     "adapted_evidence_on_adapted_top": "the same over top_k(adapted, c)",
     "base_evidence_on_base_top": "the base model's values on its own top_k(base, c)",
+    "adaptation_gain": "accuracy of the adapted model minus the base model's zero-shot accuracy",
+    "gain_kept_base_latents": "(accuracy of the adapted model with only the top-k base-model "
+    "class latents of each image's class kept - base zero-shot accuracy) / adaptation_gain",
 }
 
 
@@ -126,6 +129,7 @@ def _sections(result: dict[str, Any], cfg: Any) -> list[tuple[str, list[str], li
                 for r in result["classes"]
             ],
         ),
+        *_masking_section(result.get("masking")),
         (
             "Definitions",
             [],
@@ -133,6 +137,26 @@ def _sections(result: dict[str, Any], cfg: Any) -> list[tuple[str, list[str], li
         ),
     ]
     return sections
+
+
+def _masking_section(m: dict[str, Any] | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    if m is None:
+        return []
+    text = (
+        f"`patchsae classify` on split `{m['split']}` ({m['protocol']}): zero-shot base "
+        f"{_fmt(m['zero_shot_base'])}, adapted {_fmt(m['adapted'])} (spliced "
+        f"{_fmt(m['adapted_spliced'])}), adaptation gain {_fmt(m['adaptation_gain'])}. "
+        '"on": only the top-k class latents of the image\'s class are kept.'
+    )
+    columns = [
+        "k",
+        "on_base_latents",
+        "on_adapted_latents",
+        "gain_kept_base_latents",
+        "gain_kept_adapted_latents",
+    ]
+    table = [columns] + [[_fmt(row[c]) for c in columns] for row in m["by_k"]]
+    return [("Masking on the adapted model", [text], table)]
 
 
 def _markdown(sections: list, figures: dict[str, Path] | str) -> str:
@@ -227,6 +251,7 @@ def write_report(result: dict[str, Any], cfg: Any, out: Path) -> Path:
                 "latent_summary": result["latent_summary"],
                 "class_means": result["class_means"],
                 "classes": result["classes"],
+                "masking": result.get("masking"),
             }
         ),
     )
