@@ -315,3 +315,11 @@ def test_side_by_side_with_a_maple_adapted_clip(tiny, tmp_path):
     assert [e["latent"] for e in clicked["top"]["adapted"]] == [j for j, _ in want]
     base_ids = [e["latent"] for e in clicked["top"]["base"]]
     assert clicked["groups"] == group_latents(base_ids, [j for j, _ in want])
+
+
+def test_cli_refuses_a_missing_atlas_in_one_line(tmp_path, capsys):
+    from patchsae.cli import main
+
+    assert main(["explore", "--atlas", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an atlas" in err[0] and "patchsae stats" in err[0]
