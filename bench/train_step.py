@@ -1,24 +1,50 @@
-"""Training-step speed of our SAEs against SAELens on this CPU (fp32).
+"""Training-step speed of our SAEs against SAELens on this CPU (fp32), on the real workload.
 
-d_in=768, d_sae=24576, 2048 tokens per step, the same random activations and the same weights
-for both libraries. A step is forward + loss + backward + Adam step (torch's fused CPU Adam
-for both). Times are medians of several steps after a warm-up. Each round runs ours and the
-baseline back to back, and a ratio is the median over rounds of the per-round ratio, so load
-that drifts between rounds cancels.
+d_in=768, d_sae=24576, 2048 tokens per step; both libraries get the same activations and the
+same weights. A step is what the trainer runs: decoder renormalisation, forward + loss +
+backward, gradient projection, and the Adam the trainer builds (``patchsae.train.optim.adam``,
+fused); SAELens gets torch's fused Adam too. Each round runs every variant of a group back to
+back, and a ratio is the median over rounds of the per-round ratio, so load that drifts between
+rounds cancels.
 
-Needs the ``bench`` extra (``pip install -e ".[bench]"``). The last printed line is one JSON object.
+Workload (not i.i.d. Gaussians with one shared offset):
+
+- activations: correlated tokens, ``z @ diag(s) @ Q + mu`` with a power-law spectrum ``s``, a
+  random rotation ``Q`` and a mean offset ``mu`` as large as the spread (ViT residuals are
+  offset and anisotropic);
+- trained sparsity: per-latent encoder biases set so that latent firing frequencies are
+  log-normal over about three decades (as in trained SAEs) with a mean L0 of about 150; with
+  ``dead`` a random 5% of the latents never fire and are passed as the dead mask, so the ReLU
+  step runs ghost grads and the TopK step runs AuxK on them.
+
+Variants: ``relu_ghost`` (trained sparsity, 5% dead, ghost grads on), ``relu_sparse`` (trained
+sparsity, none dead), ``relu_init`` (random init, dense codes), ``topk`` (k=64, none dead) and
+``topk_aux`` (k=64, 5% dead, AuxK on). SAELens's ``StandardTrainingSAE`` has no ghost grads: it
+gets the same dead mask and does no extra work.
+
+Keys of the last line (one JSON object): ``relu_ghost_vs_saelens``, ``relu_sparse_vs_saelens``,
+``relu_init_vs_saelens``, ``topk_vs_saelens``, ``topk_aux_vs_saelens`` (speed-ups, SAELens
+time / ours), ``tokens_per_s_relu``, ``tokens_per_s_relu_ghost``, ``tokens_per_s_topk``,
+``gemm_flops_frac`` (achieved FLOP/s of the dense step's 5 GEMMs of 2 n d m FLOPs each, over
+the FLOP/s of one such ``torch.mm`` timed in the same rounds), ``relu_sparse_gemm_share``
+(time of that one ``torch.mm``, the sparse step's only full GEMM, over the sparse step's time),
+``l0_relu``, ``dead_frac``.
+
+Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable
 
 import torch
 
 from timing import interleaved_times, medians
+from workload import trained_sparsity
 
 try:
     from sae_lens.saes.sae import TrainStepInput
@@ -32,28 +58,44 @@ except ImportError:
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.registry import make_sae
+from patchsae.train.optim import adam
 
 D_IN, D_SAE, TOKENS, K, LR, L1 = 768, 24576, 2048, 64, 4e-4, 8e-5
+L0, DEAD_FRAC = 150, 0.05
 
 
-def ours_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> Callable[[], None]:
+def activations(seed: int = 1234) -> torch.Tensor:
+    """(TOKENS, D_IN) correlated activations: power-law spectrum, random rotation, offset."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.arange(1, D_IN + 1, dtype=torch.float32) ** -0.5
+    rotation, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g))
+    z = torch.randn(TOKENS, D_IN, generator=g) * spectrum
+    offset = torch.randn(D_IN, generator=g) * spectrum.norm() / math.sqrt(D_IN) * 3
+    return z @ rotation + offset
+
+
+def ours_step(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None) -> Callable[[], None]:
+    opt = adam(sae.parameters(), lr=LR)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder_()
-        sae.loss(x, dead_mask=None).total.backward()
+        sae.loss(x, dead_mask=dead).total.backward()
         sae.remove_parallel_grad_()
         opt.step()
 
     return step
 
 
-def saelens_step(sae, opt: torch.optim.Optimizer, x: torch.Tensor, coefficients: dict):
+def saelens_step(sae, x: torch.Tensor, dead: torch.Tensor | None, coefficients: dict):
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         step_input = TrainStepInput(
             sae_in=x,
             coefficients=coefficients,
-            dead_neuron_mask=None,
+            dead_neuron_mask=dead,
             n_training_steps=0,
             is_logging_step=False,
         )
@@ -74,102 +116,86 @@ def ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def sparse_bias(sae: SAE, x: torch.Tensor, l0: float) -> None:
-    """Set b_enc to one shared offset giving about ``l0`` active latents per token."""
-    with torch.no_grad():
-        pre = sae.pre_acts(x[:256]) - sae.b_enc
-        cut = torch.quantile(pre.flatten()[::7], 1 - l0 / sae.cfg.d_sae)
-        sae.b_enc.fill_(-float(cut))
+def pair(arch: str, x: torch.Tensor, dead_frac: float | None):
+    """(ours, SAELens twin with the same weights, dead mask or None, L0 of ours on x).
 
-
-def relu_pair(x: torch.Tensor, sparse: bool) -> tuple[SAE, torch.nn.Module]:
+    ``dead_frac=None`` keeps the random init (dense ReLU codes)."""
     torch.manual_seed(0)
-    ours = make_sae(SAEConfig(arch="relu", d_in=D_IN, d_sae=D_SAE, l1_coefficient=L1))
-    if sparse:
-        sparse_bias(ours, x, 150)
-    theirs = StandardTrainingSAE(
-        StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=L1)
-    )
+    if arch == "relu":
+        ours = make_sae(SAEConfig(arch="relu", d_in=D_IN, d_sae=D_SAE, l1_coefficient=L1))
+        theirs = StandardTrainingSAE(
+            StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=L1)
+        )
+    else:
+        ours = make_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=K))
+        theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    dead = None
+    if dead_frac is not None:
+        dead = trained_sparsity(ours, x, L0, dead_frac)
+        dead = dead if dead.any() else None
     copy_weights(ours, theirs)
-    return ours, theirs
+    with torch.no_grad():
+        l0 = float((ours.encode(x) > 0).sum(-1).float().mean())
+    return ours, theirs, dead, l0
 
 
-def dense_gemms(x: torch.Tensor, sae: SAE) -> Callable[[], None]:
-    """The 5 GEMMs of a dense ReLU step, alone, with torch.matmul: encoder forward, decoder
-    forward, gradient of the codes, gradient of W_dec, gradient of W_enc (2*n*d*m FLOPs each)."""
-    W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
-    codes = torch.relu(x @ W_enc)
-    grad_out = torch.randn(TOKENS, D_IN)
-
-    def gemms() -> None:
-        torch.matmul(x, W_enc)
-        torch.matmul(codes, W_dec)
-        torch.matmul(grad_out, W_dec.t())
-        torch.matmul(codes.t(), grad_out)
-        torch.matmul(x.t(), codes)
-
-    return gemms
-
-
-def adam(module: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(module.parameters(), lr=LR, fused=True)
+def one_mm(x: torch.Tensor, sae: SAE) -> Callable[[], None]:
+    """One (TOKENS, D_IN) @ (D_IN, D_SAE) GEMM, the size of each of a dense step's five."""
+    W_enc = sae.W_enc.detach()
+    return lambda: torch.mm(x, W_enc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per group")
     args = parser.parse_args()
-    torch.manual_seed(1234)
-    x = torch.randn(TOKENS, D_IN)
+    x = activations()
     rows: list[tuple[str, float, float | None]] = []
     figures: dict[str, float] = {}
 
-    for regime, sparse in (("relu_sparse", True), ("relu_init", False)):
-        ours, theirs = relu_pair(x, sparse)
-        with torch.no_grad():
-            l0 = float((ours.encode(x) > 0).sum(-1).float().mean())
+    groups = (
+        ("relu_ghost", "relu", DEAD_FRAC, {"l1": L1}),
+        ("relu_sparse", "relu", 0.0, {"l1": L1}),
+        ("relu_init", "relu", None, {"l1": L1}),
+        ("topk", "topk", None, {}),
+        ("topk_aux", "topk", DEAD_FRAC, {}),
+    )
+    for name, arch, dead_frac, coefficients in groups:
+        ours, theirs, dead, l0 = pair(arch, x, dead_frac)
         steps = {
-            "ours": ours_step(ours, adam(ours), x),
-            "saelens": saelens_step(theirs, adam(theirs), x, {"l1": L1}),
+            "ours": ours_step(ours, x, dead),
+            "saelens": saelens_step(theirs, x, dead, coefficients),
         }
-        if not sparse:
-            steps["gemm"] = dense_gemms(x, ours)
+        if name in ("relu_sparse", "relu_init"):
+            steps["mm"] = one_mm(x, ours)
         t = interleaved_times(steps, args.repeats)
         med = medians(t)
-        rows.append((f"{regime} ours (L0 {l0:.0f})", med["ours"], med["saelens"]))
-        figures[f"{regime}_vs_saelens"] = ratio(t["saelens"], t["ours"])
-        if sparse:
+        n_dead = 0 if dead is None else int(dead.sum())
+        rows.append((f"{name} (L0 {l0:.0f}, {n_dead} dead)", med["ours"], med["saelens"]))
+        figures[f"{name}_vs_saelens"] = ratio(t["saelens"], t["ours"])
+        if name == "relu_ghost":
+            figures["tokens_per_s_relu_ghost"] = TOKENS / med["ours"]
+            figures["dead_frac"] = n_dead / D_SAE
+        if name == "relu_sparse":
             figures["tokens_per_s_relu"] = TOKENS / med["ours"]
-        else:
-            rows.append(("5 dense GEMMs alone", med["gemm"], None))
-            figures["relu_dense_gflops_frac_of_gemm"] = ratio(t["gemm"], t["ours"])
+            figures["l0_relu"] = l0
+            figures["relu_sparse_gemm_share"] = ratio(t["mm"], t["ours"])
+            rows.append(("one torch.mm (n x d x m)", med["mm"], None))
+        if name == "relu_init":
+            figures["gemm_flops_frac"] = ratio([5 * s for s in t["mm"]], t["ours"])
+        if name == "topk":
+            figures["tokens_per_s_topk"] = TOKENS / med["ours"]
         del ours, theirs, steps
-
-    torch.manual_seed(0)
-    ours = make_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=K))
-    theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
-    copy_weights(ours, theirs)
-    t = interleaved_times(
-        {
-            "ours": ours_step(ours, adam(ours), x),
-            "saelens": saelens_step(theirs, adam(theirs), x, {}),
-        },
-        args.repeats,
-    )
-    med = medians(t)
-    rows.append((f"topk k={K} ours", med["ours"], med["saelens"]))
-    figures["topk_vs_saelens"] = ratio(t["saelens"], t["ours"])
-    figures["tokens_per_s_topk"] = TOKENS / med["ours"]
 
     threads = torch.get_num_threads()
     print(f"train step, fp32, d={D_IN}, d_sae={D_SAE}, {TOKENS} tokens, {threads} threads")
-    print(f"{'variant':34s} {'ours s':>9s} {'saelens s':>10s} {'speed-up':>9s}")
+    print(f"{'variant':38s} {'ours s':>9s} {'saelens s':>10s} {'speed-up':>9s}")
     for name, ours_s, theirs_s in rows:
         speedup = f"{theirs_s / ours_s:9.2f}" if theirs_s else ""
         theirs_text = f"{theirs_s:10.3f}" if theirs_s else ""
-        print(f"{name:34s} {ours_s:9.3f} {theirs_text:>10s} {speedup}")
+        print(f"{name:38s} {ours_s:9.3f} {theirs_text:>10s} {speedup}")
     for key, value in figures.items():
-        print(f"{key:34s} {value:9.3f}")
+        print(f"{key:38s} {value:9.3f}")
     print(json.dumps({"bench": "train_step", **{k: round(v, 3) for k, v in figures.items()}}))
 
 

@@ -28,9 +28,12 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+TIMED = ("tokens_per_s", "input_wait_s", "elapsed_s")
+
+
 def untimed_metrics(folder: Path) -> list[dict]:
-    """The rows of ``metrics(folder)`` without ``tokens_per_s``, which varies between equal runs."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(folder)]
+    """The rows of ``metrics(folder)`` without the timings, which vary between equal runs."""
+    return [{k: v for k, v in r.items() if k not in TIMED} for r in metrics(folder)]
 
 
 def kill_after_first_checkpoint(cfg: Any, work: Path) -> dict:

@@ -7,6 +7,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -343,3 +344,50 @@ def test_our_folder_loads_through_load_backbone(tiny_base, tmp_path):
     (tmp_path / "adapter" / "adapter.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdaptError, match="not a readable tensor file"):
         load_backbone(tmp_path / "adapter")
+
+
+def test_extract_and_token_batches_accept_an_adapter_folder(tiny_base, tmp_path):
+    """An adapter folder is a model for extract: the store holds the prompt tokens, marked in its
+    layout, and token mode ``all`` leaves them out (``all_with_prompts`` keeps them)."""
+    from patchsae.data import DataConfig
+    from patchsae.data.images import open_images
+    from patchsae.data.loaders import token_batches
+    from patchsae.data.store import ActivationStore
+    from patchsae.extract import ExtractConfig, extract
+    from tiny_atlas import image_folder
+
+    tiny_base.model.save_pretrained(tmp_path / "base")
+    tiny_base.image_processor.save_pretrained(tmp_path / "base")
+    base = load_backbone(tmp_path / "base", tokenizer=CLIP_TOKENIZER)
+    maple = randomised(adapt(base, PromptConfig(depth=2)))
+    folder = save_adapter(
+        maple,
+        tmp_path / "adapter",
+        base_model=str(tmp_path / "base"),
+        tokenizer=str(CLIP_TOKENIZER),
+    )
+    images = image_folder(tmp_path / "images", n_per_class=2)
+    store = ActivationStore.open(
+        extract(
+            ExtractConfig(
+                model=str(folder),
+                data=DataConfig(str(images)),
+                layers=(1,),
+                out=str(tmp_path / "store"),
+                batch_size=4,
+                shard_images=4,
+                dtype="fp32",
+                num_workers=0,
+            )
+        )
+    )
+    assert store.token_layout == maple.token_layout and store.token_layout.n_prompts == 2
+    acts = torch.from_numpy(np.array(store.images(0, 4)))
+    source = open_images(DataConfig(str(images)))
+    pixels = maple.preprocess([source.load(i) for i in range(4)])
+    with torch.no_grad():
+        assert torch.allclose(acts, maple.encode(pixels, 1), atol=1e-5)
+    kept = next(token_batches(store, 4 * 17, seed=None, epochs=1))
+    assert torch.equal(kept, acts[:, :17].reshape(-1, 32))
+    everything = next(token_batches(store, 4 * 19, seed=None, epochs=1, tokens="all_with_prompts"))
+    assert torch.equal(everything, acts.reshape(-1, 32))

@@ -328,39 +328,103 @@ def test_weight_grad_sparse_paths(dense_columns):
     assert rel_err(kernels.weight_grad(x, grad), x.t() @ grad) < 1e-12
 
 
+def _fused_inputs(m: int, offset: float, n_dead: int, seed: int = 2):
+    """x (64, 8), W_enc, b_enc, b_dec, W_dec in float64 (leaves needing grad) and dead_idx."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    W_enc = torch.randn(8, m, dtype=torch.float64, generator=g) / 3
+    b_enc = torch.randn(m, dtype=torch.float64, generator=g) * 0.1 + offset
+    b_dec = torch.randn(8, dtype=torch.float64, generator=g)
+    W_dec = torch.randn(m, 8, dtype=torch.float64, generator=g)
+    dead_idx = torch.randperm(m, generator=g)[:n_dead].sort().values
+    params = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+    return params, dead_idx
+
+
+def _objective(x_hat, extra, pre_dead, W_dec_dead, seed: int = 3):
+    """A weighted sum of every output, so each one's gradient is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randn(x_hat.shape, dtype=torch.float64, generator=g)
+    ghost = torch.exp(pre_dead) @ W_dec_dead
+    probe_dead = torch.randn(ghost.shape, dtype=torch.float64, generator=g)
+    return (x_hat * probe).sum() + 0.7 * extra + (ghost * probe_dead).sum()
+
+
 @pytest.mark.parametrize("offset", [-2.5, 0.0])
-@pytest.mark.parametrize("use_codes", [False, True])
-def test_relu_decode_gradients(offset, use_codes):
-    torch.manual_seed(2)
-    pre = (torch.randn(64, 200, dtype=torch.float64) + offset).requires_grad_()
-    W_dec = torch.randn(200, 8, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    probe = torch.randn(64, 8, dtype=torch.float64)
-    weights = torch.randn(64, 200, dtype=torch.float64)
-
-    def objective(codes, x_hat):
-        return (x_hat * probe).sum() + (codes * weights).sum() * use_codes
-
-    codes, x_hat, fire_counts = kernels.relu_decode(pre, W_dec, b_dec)
-    ours = torch.autograd.grad(objective(codes, x_hat), (pre, W_dec, b_dec))
-    ref_codes = torch.relu(pre)
-    ref = torch.autograd.grad(objective(ref_codes, ref_codes @ W_dec + b_dec), (pre, W_dec, b_dec))
+@pytest.mark.parametrize("n_dead", [0, 9])
+def test_relu_train_matches_dense_autograd(offset, n_dead):
+    (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, offset, n_dead)
+    x_hat, l1, pre_dead, W_dead, fire_counts = kernels.relu_train(
+        x, W_enc, b_enc, b_dec, W_dec, dead_idx
+    )
+    leaves = (x, W_enc, b_enc, b_dec, W_dec)
+    ours = torch.autograd.grad(_objective(x_hat, l1, pre_dead, W_dead), leaves)
+    pre = (x - b_dec) @ W_enc + b_enc
+    codes = torch.relu(pre)
+    ref_x_hat = codes @ W_dec + b_dec
+    ref = torch.autograd.grad(
+        _objective(ref_x_hat, codes.sum(), pre[:, dead_idx], W_dec[dead_idx]), leaves
+    )
     assert (kernels.density(codes) <= kernels.SPARSE_MAX_DENSITY) == (offset < 0)
-    assert torch.equal(fire_counts, (ref_codes > 0).sum(0))
-    assert rel_err(x_hat, ref_codes @ W_dec + b_dec) < 1e-12
+    assert torch.equal(fire_counts, (codes > 0).sum(0))
+    assert rel_err(x_hat, ref_x_hat) < 1e-12 and rel_err(l1, codes.sum()) < 1e-12
+    assert torch.equal(pre_dead, pre[:, dead_idx])
+    for a, b in zip(ours, ref, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_relu_train_dead_latents_that_fire():
+    """A dead latent active in this batch gets both its sparse and its ghost gradient."""
+    (x, W_enc, b_enc, b_dec, W_dec), _ = _fused_inputs(200, -2.5, 0)
+    with torch.no_grad():
+        b_enc[:3] = 3.0
+    dead_idx = torch.tensor([0, 1, 2, 50])
+    leaves = (W_enc, b_enc, b_dec, W_dec)
+    x_hat, l1, pre_dead, W_dead, _ = kernels.relu_train(x, W_enc, b_enc, b_dec, W_dec, dead_idx)
+    ours = torch.autograd.grad(_objective(x_hat, l1, pre_dead, W_dead), leaves)
+    pre = (x - b_dec) @ W_enc + b_enc
+    codes = torch.relu(pre)
+    assert (codes[:, :3] > 0).any()
+    ref = torch.autograd.grad(
+        _objective(codes @ W_dec + b_dec, codes.sum(), pre[:, dead_idx], W_dec[dead_idx]), leaves
+    )
+    for a, b in zip(ours, ref, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("n_dead", [0, 9])
+def test_topk_train_matches_dense_autograd(n_dead):
+    (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, 0.0, n_dead)
+    with torch.no_grad():
+        b_enc[:40] -= 5.0  # some tokens keep negative pre-activations among their top k
+    leaves = (x, W_enc, b_enc, b_dec, W_dec)
+    x_hat, pre_dead, W_dead, fire_counts = kernels.topk_train(
+        x, W_enc, b_enc, b_dec, W_dec, 6, dead_idx
+    )
+    ours = torch.autograd.grad(_objective(x_hat, 0, pre_dead, W_dead), leaves)
+    pre = (x - b_dec) @ W_enc + b_enc
+    values, indices = pre.topk(6, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    ref_x_hat = codes @ W_dec + b_dec
+    ref = torch.autograd.grad(_objective(ref_x_hat, 0, pre[:, dead_idx], W_dec[dead_idx]), leaves)
+    assert torch.equal(fire_counts, (codes > 0).sum(0))
+    assert rel_err(x_hat, ref_x_hat) < 1e-12
     for a, b in zip(ours, ref, strict=True):
         assert rel_err(a, b) < 1e-12
 
 
 def test_kernels_with_nothing_active():
     x = torch.randn(8, 4, dtype=torch.float64)
-    W_dec = torch.randn(6, 4, dtype=torch.float64)
-    b_dec = torch.randn(4, dtype=torch.float64)
-    pre = (-torch.rand(8, 6, dtype=torch.float64)).requires_grad_()
-    codes, x_hat, fire_counts = kernels.relu_decode(pre, W_dec, b_dec)
-    assert torch.equal(x_hat, b_dec.expand(8, 4)) and not fire_counts.any() and not codes.any()
-    (x_hat.sum() + codes.sum()).backward()
-    assert torch.equal(pre.grad, torch.zeros(8, 6, dtype=torch.float64))
+    W_enc = torch.randn(4, 6, dtype=torch.float64)
+    b_enc = torch.full((6,), -100.0, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.int64)
+    x_hat, l1, _, _, fire_counts = kernels.relu_train(x, W_enc, b_enc, b_dec, W_dec, none)
+    assert torch.equal(x_hat, b_dec.expand(8, 4)) and not fire_counts.any() and l1 == 0
+    (x_hat.sum() + l1).backward()
+    assert not b_enc.grad.any() and not W_dec.grad.any()
+    assert torch.equal(b_dec.grad, torch.full((4,), 8.0, dtype=torch.float64))
     assert torch.equal(kernels.decode(torch.zeros(8, 6, dtype=torch.float64), W_dec, b_dec), x_hat)
     assert not kernels.weight_grad(x, torch.zeros(8, 6, dtype=torch.float64)).any()
 
@@ -428,3 +492,28 @@ def test_golden_step_loss_and_gradients(golden, case):
         assert rel_err(getattr(sae, name).grad, g[f"grad.{name}"]) < tol, name
     sae.remove_parallel_grad_()
     assert rel_err(sae.W_dec.grad, g["grad.W_dec_projected"]) < tol
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("offset", [-2.0, 0.0])
+def test_bfloat16_training_step_follows_float64(arch, offset):
+    """The bf16 option runs the same kernels; gradients stay within bf16 rounding. (The ghost
+    term's elementwise rescaling, factors up to ~1e5, amplifies rounding: relu runs without.
+    The sparse weight gradients accumulate in bf16 inside embedding_bag, hence 25%: a wrong
+    kernel is off by 100%.)"""
+    torch.manual_seed(4)
+    ref = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, k=8, dtype="float64"))
+    with torch.no_grad():
+        ref.b_enc.fill_(offset)
+    low = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, k=8, dtype="bfloat16"))
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    ref.load_state_dict({k: v.double() for k, v in low.state_dict().items()})
+    x = torch.randn(64, 16, dtype=torch.float64).to(torch.bfloat16).double()
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[::9] = True
+    dead = dead if arch == "topk" else None
+    ours = grads(low, low.loss(x, dead_mask=dead).total)
+    want = grads(ref, ref.loss(x, dead_mask=dead).total)
+    for name in want:
+        assert ours[name].dtype == torch.bfloat16
+        assert rel_err(ours[name].double(), want[name]) < 0.25, name

@@ -29,6 +29,7 @@ from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_facto
 from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, ddp, train, trainer
 from patchsae.train.checkpoint import write_checkpoint
+from patchsae.train.optim import adam
 from patchsae.train.sources import open_source
 from patchsae.train.trainer import TrainingError, _check_compatible, lr_at
 from run_files import kill_after_first_checkpoint, metrics, untimed_metrics, weights
@@ -114,7 +115,7 @@ def reference_run(cfg: TrainConfig, n_steps: int) -> dict[str, torch.Tensor]:
     )
     torch.manual_seed(cfg.seed)
     sae = make_sae(cfg.sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    opt = adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     counters = torch.zeros(cfg.sae.d_sae, dtype=torch.int64)
     for step in range(n_steps):
         x = next(batches)
@@ -530,3 +531,33 @@ def test_nan_metrics_are_written_as_null(tmp_path: Path) -> None:
     assert [r["step"] for r in evals] == [0, 2]
     assert all(r["eval/fvu"] is None and r["eval/explained_variance"] is None for r in evals)
     assert all(isinstance(r["eval/cosine"], float) for r in evals)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trainer_adam_is_fused_and_matches_the_plain_loop(dtype) -> None:
+    torch.manual_seed(0)
+    params = [torch.randn(40, 7, dtype=dtype), torch.randn(7, dtype=dtype)]
+    ours = [p.clone().requires_grad_() for p in params]
+    plain = [p.clone().requires_grad_() for p in params]
+    opt = adam(ours, lr=1e-2, betas=(0.8, 0.99), eps=1e-7)
+    ref = torch.optim.Adam(plain, lr=1e-2, betas=(0.8, 0.99), eps=1e-7, foreach=False)
+    assert opt.param_groups[0]["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for group, o in ((ours, opt), (plain, ref)):
+            for p, g in zip(group, grads, strict=True):
+                p.grad = g.clone()
+            o.step()
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_prefetching_changes_nothing_but_speed(store: Path, tmp_path: Path) -> None:
+    ahead = train(config(store, tmp_path / "ahead", prefetch_batches=3))
+    inline = train(config(store, tmp_path / "inline", prefetch_batches=0))
+    assert_same(weights(ahead), weights(inline))
+    rows = [r for r in metrics(ahead) if "lr" in r]
+    assert all(0 <= r["input_wait_s"] <= r["elapsed_s"] for r in rows)
+    with pytest.raises(ConfigError, match="prefetch_batches must be >= 0"):
+        config(store, tmp_path / "bad", prefetch_batches=-1)

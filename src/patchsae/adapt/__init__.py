@@ -10,16 +10,22 @@ from .checkpoint import (
     read_official_state,
     save_adapter,
 )
+from .compare import CompareConfig, compare
 from .config import AdaptError, PromptConfig
 from .model import AdaptedBackbone, adapt, new_learner
 from .prompts import PromptLearner
+from .train import AdaptConfig, adapt_run
 
 __all__ = [
+    "AdaptConfig",
     "AdaptError",
     "AdaptedBackbone",
     "PromptConfig",
     "PromptLearner",
+    "CompareConfig",
     "adapt",
+    "adapt_run",
+    "compare",
     "export_official",
     "load_adapter",
     "load_official",

@@ -39,8 +39,19 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    print(compare(load_config(CompareConfig, config, overrides)))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``adapt {maple,coop} [CONFIG] [key=value ...] [--resume]`` and ``adapt import``."""
+    """Add ``adapt {maple,coop} [CONFIG] [key=value ...] [--resume]``, ``adapt import`` and
+    ``compare [CONFIG] [key=value ...]``."""
     p = subparsers.add_parser(
         "adapt",
         help="few-shot prompt learning (MaPLe, CoOp) on a CLIP, or import an official checkpoint",
@@ -67,3 +78,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "overrides", nargs="*", help="prompt settings, e.g. depth=3 n_ctx=2 method=maple"
     )
     q.set_defaults(func=_import)
+    c = subparsers.add_parser(
+        "compare",
+        help="remapping analysis: one SAE on a base CLIP and its adapted version",
+        description=(
+            "Atlases of one SAE on the base and the adapted model over one labelled dataset, "
+            "per-latent and per-class changes, and a Markdown/HTML report (docs/adapt.md)."
+        ),
+    )
+    c.add_argument("config", nargs="?", help="YAML file of CompareConfig options (optional)")
+    c.add_argument(
+        "overrides",
+        nargs="*",
+        help=(
+            "dotted key=value overrides: sae= base= adapted= data.source= layer= out= k= "
+            "classify_split= (runs the masking protocol on that split)"
+        ),
+    )
+    c.set_defaults(func=_compare)

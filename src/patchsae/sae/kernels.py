@@ -78,59 +78,192 @@ def decode(codes_nm: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     return decode_entries(rows, cols, codes_nm[rows, cols], W_dec, n) + b_dec
 
 
-class _ReluDecode(torch.autograd.Function):
-    """``codes = ReLU(pre)``, ``x_hat = codes @ W_dec + b_dec`` and fire counts, in one node.
+def entry_dots(grad_nd: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``(grad_nd[rows[i]] * W_dec[cols[i]]).sum()`` for every entry i: (nnz,).
 
-    The backward masks the incoming code gradient once, adds the decoder's contribution on the
-    active entries only (sparse path) or inside the GEMM (dense path).
+    The gradient of ``decode_entries`` with respect to its values, without an (nnz, d) tensor.
+    ``rows`` sorted ascending.
+    """
+    offsets = _offsets(rows, grad_nd.shape[0])
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_nd, W_dec, cols, offsets, rows, 0
+    )
+
+
+def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tuple) -> tuple:
+    """Gradients of (x, W_enc, b_enc, b_dec, W_dec) of a sparse SAE step.
+
+    ``ctx`` holds ``x_centred`` (n, d), ``W_enc``, ``W_dec``, the active entries ``rows``,
+    ``cols`` (nnz,) with their activations ``acts`` (nnz,) and ``dead_idx`` (n_dead,);
+    ``grad_values`` (nnz,) is the gradient of the pre-activations on the active entries and
+    ``grads_dead`` those of ``(pre_dead, W_dec_dead)`` (each None when unused). One sort of the
+    entries by latent serves both weight gradients.
+    """
+    x_centred, W_enc, W_dec, rows, cols, acts, dead_idx = ctx.saved_tensors
+    n, m = x_centred.shape[0], W_enc.shape[1]
+    order = torch.argsort(cols)
+    by_latent, offsets = rows[order], _offsets(cols[order], m)
+    grad_w_dec = F.embedding_bag(
+        by_latent, grad_x_hat, offsets, mode="sum", per_sample_weights=acts[order]
+    )
+    grad_w_enc_md = F.embedding_bag(
+        by_latent, x_centred, offsets, mode="sum", per_sample_weights=grad_values[order]
+    )
+    grad_b_enc = grad_values.new_zeros(m).index_add_(0, cols, grad_values)
+    grad_pre_dead, grad_w_dec_dead = grads_dead
+    if grad_pre_dead is not None:
+        grad_w_enc_md.index_add_(0, dead_idx, grad_pre_dead.t() @ x_centred)
+        grad_b_enc.index_add_(0, dead_idx, grad_pre_dead.sum(0))
+    if grad_w_dec_dead is not None:
+        grad_w_dec.index_add_(0, dead_idx, grad_w_dec_dead)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        W_enc_md = W_enc.t().contiguous()
+        grad_x = F.embedding_bag(
+            cols, W_enc_md, _offsets(rows, n), mode="sum", per_sample_weights=grad_values
+        )
+        if grad_pre_dead is not None:
+            grad_x += grad_pre_dead @ W_enc_md[dead_idx]
+    grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc
+    return grad_x, grad_w_enc_md.t().contiguous(), grad_b_enc, grad_b_dec, grad_w_dec
+
+
+def _dense_grads(ctx, grad_x_hat: Tensor, grad_l1: Tensor | None, grads_dead: tuple) -> tuple:
+    """Gradients of (x, W_enc, b_enc, b_dec, W_dec) of a dense ReLU step (plain GEMMs);
+    ``grad_l1`` is added to the gradient of every code."""
+    x_centred, W_enc, W_dec, codes, dead_idx = ctx.saved_tensors
+    grad_pre = grad_x_hat @ W_dec.t()
+    if grad_l1 is not None:
+        grad_pre += grad_l1
+    torch.ops.aten.threshold_backward.grad_input(grad_pre, codes, 0, grad_input=grad_pre)
+    grad_pre_dead, grad_w_dec_dead = grads_dead
+    if grad_pre_dead is not None:
+        grad_pre.index_add_(1, dead_idx, grad_pre_dead)
+    grad_b_enc = grad_pre.sum(0)
+    grad_x = grad_pre @ W_enc.t() if ctx.needs_input_grad[0] else None
+    grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc
+    grad_w_dec = codes.t() @ grad_x_hat
+    if grad_w_dec_dead is not None:
+        grad_w_dec.index_add_(0, dead_idx, grad_w_dec_dead)
+    return grad_x, x_centred.t() @ grad_pre, grad_b_enc, grad_b_dec, grad_w_dec
+
+
+class _ReluTrain(torch.autograd.Function):
+    """The ReLU SAE's training forward in one node: encoder, ReLU, decoder, the sum of the codes
+    (L1), and the dead latents' pre-activations and decoder rows (ghost grads).
+
+    At code density <= ``SPARSE_MAX_DENSITY`` the (n, m) product ``(x - b_dec) @ W_enc`` is only
+    compared with ``-b_enc`` to find the active entries (no bias or ReLU pass over it); the
+    backward never builds an (n, m) tensor: the pre-activations' gradient is the active entries'
+    values plus the dead columns' block.
     """
 
     @staticmethod
-    def forward(ctx, pre_nm: Tensor, W_dec: Tensor, b_dec: Tensor):
-        n, m = pre_nm.shape
-        codes = torch.relu(pre_nm)
-        ctx.sparse = density(codes) <= SPARSE_MAX_DENSITY
+    def forward(ctx, x_nd, W_enc, b_enc, b_dec, W_dec, dead_idx):
+        ctx.set_materialize_grads(False)
+        n, m = x_nd.shape[0], W_enc.shape[1]
+        x_centred = x_nd - b_dec
+        product = x_centred @ W_enc
+        pre_dead = product.index_select(1, dead_idx) + b_enc[dead_idx]
+        sample = product[:: max(1, n // DENSITY_SAMPLE_ROWS)]
+        ctx.sparse = density(sample > -b_enc) <= SPARSE_MAX_DENSITY
         if ctx.sparse:
-            rows, cols = codes.nonzero(as_tuple=True)
-            values = codes[rows, cols]
-            x_hat = decode_entries(rows, cols, values, W_dec, n) + b_dec
+            rows, cols = (product > -b_enc).nonzero(as_tuple=True)
+            acts = product[rows, cols] + b_enc[cols]
+            del product
+            x_hat = decode_entries(rows, cols, acts, W_dec, n) + b_dec
             fire_counts = torch.bincount(cols, minlength=m)
-            ctx.save_for_backward(codes, W_dec, rows, cols, values)
+            l1 = acts.sum()
+            ctx.save_for_backward(x_centred, W_enc, W_dec, rows, cols, acts, dead_idx)
         else:
+            codes = product.add_(b_enc).relu_()
             x_hat = torch.addmm(b_dec, codes, W_dec)
             fire_counts = dense_fire_counts(codes)
-            ctx.save_for_backward(codes, W_dec)
+            l1 = codes.sum()
+            ctx.save_for_backward(x_centred, W_enc, W_dec, codes, dead_idx)
         ctx.mark_non_differentiable(fire_counts)
-        return codes, x_hat, fire_counts
+        return x_hat, l1, pre_dead, W_dec.index_select(0, dead_idx), fire_counts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_codes: Tensor, grad_x_hat: Tensor, _):
-        codes, W_dec = ctx.saved_tensors[:2]
-        n, m = codes.shape
+    def backward(ctx, grad_x_hat, grad_l1, grad_pre_dead, grad_w_dec_dead, _):
+        x_centred, _, W_dec = ctx.saved_tensors[:3]
+        if grad_x_hat is None:
+            grad_x_hat = torch.zeros_like(x_centred)
+        grads_dead = (grad_pre_dead, grad_w_dec_dead)
         if not ctx.sparse:
-            grad_pre = torch.addmm(grad_codes, grad_x_hat, W_dec.t())
-            torch.ops.aten.threshold_backward.grad_input(grad_pre, codes, 0, grad_input=grad_pre)
-            return grad_pre, codes.t() @ grad_x_hat, grad_x_hat.sum(0)
-        rows, cols, values = ctx.saved_tensors[2:]
-        grad_pre = torch.ops.aten.threshold_backward(grad_codes, codes, 0)
-        with torch.enable_grad():
-            values = values.detach().requires_grad_()
-            weight = W_dec.detach().requires_grad_()
-            out = decode_entries(rows, cols, values, weight, n)
-            grad_values, grad_w = torch.autograd.grad(out, (values, weight), grad_x_hat)
-        grad_pre.view(-1).index_add_(0, rows * m + cols, grad_values)
-        return grad_pre, grad_w, grad_x_hat.sum(0)
+            return (*_dense_grads(ctx, grad_x_hat, grad_l1, grads_dead), None)
+        rows, cols = ctx.saved_tensors[3:5]
+        grad_values = entry_dots(grad_x_hat, W_dec, rows, cols)
+        if grad_l1 is not None:
+            grad_values += grad_l1
+        return (*_sparse_grads(ctx, grad_x_hat, grad_values, grads_dead), None)
 
 
-def relu_decode(pre_nm: Tensor, W_dec: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(codes (n, m), x_hat (n, d), fire_counts (m,) int64)`` for ``codes = ReLU(pre_nm)``.
+def relu_train(
+    x_nd: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, dead_idx: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A ReLU SAE's training forward, with exact gradients with respect to every tensor input.
 
-    Exact gradients with respect to ``pre_nm``, ``W_dec`` and ``b_dec``. At code density <=
-    ``SPARSE_MAX_DENSITY`` the decoder forward and backward touch only the active entries and
-    the W_dec rows they use.
+    Returns ``x_hat (n, d)``, ``l1 ()``, ``pre_dead (n, n_dead)``, ``W_dec_dead (n_dead, d)``
+    and ``fire_counts (m,) int64``: ``codes = ReLU((x_nd - b_dec) @ W_enc + b_enc)``,
+    ``x_hat = codes @ W_dec + b_dec``, ``l1 = codes.sum()``, ``pre_dead`` the pre-activations
+    and ``W_dec_dead`` the decoder rows of the latents ``dead_idx`` (n_dead,) int64. At trained
+    sparsity only the active entries, the dead columns and the W_dec rows they use are touched.
     """
-    return _ReluDecode.apply(pre_nm, W_dec, b_dec)
+    return _ReluTrain.apply(x_nd, W_enc, b_enc, b_dec, W_dec, dead_idx)
+
+
+class _TopKTrain(torch.autograd.Function):
+    """Per-token TopK SAE training forward in one node: encoder, top k, ReLU, decoder, and the
+    dead latents' pre-activations and decoder rows (AuxK); the backward touches the n * k
+    entries and the dead columns only."""
+
+    @staticmethod
+    def forward(ctx, x_nd, W_enc, b_enc, b_dec, W_dec, k, dead_idx):
+        ctx.set_materialize_grads(False)
+        n, m = x_nd.shape[0], W_enc.shape[1]
+        x_centred = x_nd - b_dec
+        pre = torch.addmm(b_enc, x_centred, W_enc)
+        pre_dead = pre.index_select(1, dead_idx)
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        del pre
+        acts = torch.relu(values).reshape(-1)
+        cols = indices.reshape(-1)
+        rows = torch.arange(n, device=cols.device).repeat_interleave(k)
+        x_hat = decode_topk(indices, acts.view(n, k), W_dec) + b_dec
+        fire_counts = torch.bincount(cols[acts > 0], minlength=m)
+        ctx.save_for_backward(x_centred, W_enc, W_dec, rows, cols, acts, dead_idx)
+        ctx.mark_non_differentiable(fire_counts)
+        return x_hat, pre_dead, W_dec.index_select(0, dead_idx), fire_counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x_hat, grad_pre_dead, grad_w_dec_dead, _):
+        x_centred, _, W_dec, rows, cols, acts, _ = ctx.saved_tensors
+        if grad_x_hat is None:
+            grad_x_hat = torch.zeros_like(x_centred)
+        grad_values = entry_dots(grad_x_hat, W_dec, rows, cols) * (acts > 0)
+        grads_dead = (grad_pre_dead, grad_w_dec_dead)
+        return (*_sparse_grads(ctx, grad_x_hat, grad_values, grads_dead), None, None)
+
+
+def topk_train(
+    x_nd: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    k: int,
+    dead_idx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A TopK SAE's training forward, with exact gradients with respect to every tensor input.
+
+    Returns ``x_hat (n, d)``, ``pre_dead (n, n_dead)``, ``W_dec_dead (n_dead, d)`` and
+    ``fire_counts (m,) int64``; codes keep the k largest pre-activations of each token, ReLU
+    applied; ``pre_dead`` and ``W_dec_dead`` belong to the latents ``dead_idx`` (n_dead,) int64.
+    """
+    return _TopKTrain.apply(x_nd, W_enc, b_enc, b_dec, W_dec, k, dead_idx)
 
 
 def weight_grad(x_nd: Tensor, grad_nm: Tensor) -> Tensor:

@@ -92,10 +92,35 @@ def ghost_terms(
     (before the CLS coefficient): per element (``elementwise``, the original) or by the ratio of
     the two means (``total``).
     """
+    return dead_ghost_terms(
+        x,
+        x_hat,
+        hidden_pre[..., dead_mask],
+        W_dec[dead_mask, :],
+        mse_e,
+        normalization=normalization,
+        round_residual_fp32=round_residual_fp32,
+        rescale=rescale,
+    )
+
+
+def dead_ghost_terms(
+    x: Tensor,
+    x_hat: Tensor,
+    hidden_pre_dead: Tensor,
+    W_dec_dead: Tensor,
+    mse_e: Tensor,
+    *,
+    normalization: MseNormalization = "patchsae",
+    round_residual_fp32: bool = True,
+    rescale: GhostRescale = "elementwise",
+) -> GhostTerms:
+    """``ghost_terms`` from the dead latents' pre-activations ``hidden_pre_dead`` (..., n_dead)
+    and decoder rows ``W_dec_dead`` (n_dead, d) alone."""
     residual = x - x_hat
     l2_norm_residual = torch.norm(residual, dim=-1)
-    exp_hidden_pre_dead = torch.exp(hidden_pre[..., dead_mask])
-    ghost_out_unscaled = exp_hidden_pre_dead @ W_dec[dead_mask, :]
+    exp_hidden_pre_dead = torch.exp(hidden_pre_dead)
+    ghost_out_unscaled = exp_hidden_pre_dead @ W_dec_dead
     l2_norm_ghost_out = torch.norm(ghost_out_unscaled, dim=-1)
     norm_scaling_factor = (l2_norm_residual / (1e-6 + l2_norm_ghost_out * 2)).detach()
     ghost_out = ghost_out_unscaled * norm_scaling_factor[..., None]
@@ -188,17 +213,44 @@ def patchsae_loss(
     The ghost term is computed only when ``use_ghost_grads`` and ``dead_mask`` has a True.
     """
     _check_inputs(x, hidden_pre, codes, x_hat, W_dec, dead_mask, mse_normalization, ghost_rescale)
+    dead = None
+    if use_ghost_grads and dead_mask is not None and bool(dead_mask.any()):
+        dead = (hidden_pre[..., dead_mask], W_dec[dead_mask, :])
+    return patchsae_objective(
+        x,
+        x_hat,
+        l1_coefficient * sparsity_per_position(codes),
+        dead,
+        mse_cls_coefficient=mse_cls_coefficient,
+        mse_normalization=mse_normalization,
+        round_residual_fp32=round_residual_fp32,
+        ghost_rescale=ghost_rescale,
+    )
+
+
+def patchsae_objective(
+    x: Tensor,
+    x_hat: Tensor,
+    l1: Tensor,
+    dead: tuple[Tensor, Tensor] | None,
+    *,
+    mse_cls_coefficient: float = 1.0,
+    mse_normalization: MseNormalization = "patchsae",
+    round_residual_fp32: bool = True,
+    ghost_rescale: GhostRescale = "elementwise",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``patchsae_loss`` from its parts: the weighted L1 ``l1`` (per position (T,) or ()),
+    and ``dead = (hidden_pre_dead (..., n_dead), W_dec_dead (n_dead, d))`` for the ghost term
+    (None: no ghost term). Inputs are not checked."""
     mse_e = mse_elementwise(
         x, x_hat, normalization=mse_normalization, round_x_fp32=round_residual_fp32
     )
     ghost = torch.zeros((), dtype=mse_e.dtype, device=mse_e.device)
-    if use_ghost_grads and dead_mask is not None and bool(dead_mask.any()):
-        ghost = ghost_terms(
+    if dead is not None:
+        ghost = dead_ghost_terms(
             x,
             x_hat,
-            hidden_pre,
-            W_dec,
-            dead_mask,
+            *dead,
             mse_e,
             normalization=mse_normalization,
             round_residual_fp32=round_residual_fp32,
@@ -209,7 +261,6 @@ def patchsae_loss(
         position_weight[0] = mse_cls_coefficient
         mse_e = mse_e * position_weight[:, None]
     mse = mse_e.mean()
-    l1 = l1_coefficient * sparsity_per_position(codes)
     total = (mse + l1 + ghost).mean()
     terms = {
         "mse": mse.detach(),
@@ -233,9 +284,8 @@ def remove_parallel_component_(grad: Tensor, W_dec: Tensor) -> Tensor:
 
     Exactly tangent to the unit sphere only when the rows of W_dec have unit norm.
     """
-    parallel = (grad * W_dec).sum(dim=-1, keepdim=True)
-    grad -= parallel * W_dec
-    return grad
+    parallel = torch.linalg.vecdot(grad, W_dec).unsqueeze(-1)
+    return grad.addcmul_(parallel, W_dec, value=-1)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

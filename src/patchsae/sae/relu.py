@@ -25,22 +25,32 @@ class ReluSAE(SAE):
     def loss(self, x: Tensor, *, dead_mask: Tensor | None = None) -> LossOutput:
         """PatchSAE objective on x (B, T, d_in) or (N, d_in).
 
-        The decoder and the encoder's weight gradient run sparse when the codes are sparse.
-        Terms: mse, l1, ghost, total.
+        One fused node (``kernels.relu_train``) computes the reconstruction, the L1 sum and the
+        dead latents' pre-activations; at trained sparsity the step only touches the active
+        entries and the dead columns. Terms: mse, l1, ghost, total.
         """
-        pre_nm = kernels.encode_pre(self._flat(x), self.W_enc, self.b_enc, self.b_dec)
-        codes_nm, x_hat_nd, fire_counts = kernels.relu_decode(pre_nm, self.W_dec, self.b_dec)
-        lead = x.shape[:-1]
-        x_hat = x_hat_nd.reshape(*lead, self.cfg.d_in)
-        total, terms = recipe.patchsae_loss(
-            x.to(self.dtype),
-            pre_nm.reshape(*lead, self.cfg.d_sae),
-            codes_nm.reshape(*lead, self.cfg.d_sae),
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"the relu loss takes x of shape (B, T, d) or (N, d), got {tuple(x.shape)}; "
+                "flatten extra leading dimensions first"
+            )
+        self._check_dead_mask(dead_mask)
+        x_nd = self._flat(x)
+        dead_idx = x_nd.new_zeros(0, dtype=torch.int64)
+        if self.cfg.use_ghost_grads and dead_mask is not None:
+            dead_idx = dead_mask.nonzero().squeeze(1)
+        x_hat_nd, l1_sum, pre_dead, W_dec_dead, fire_counts = kernels.relu_train(
+            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx
+        )
+        x_hat = x_hat_nd.reshape(x.shape)
+        dead = None
+        if dead_idx.numel() > 0:
+            dead = (pre_dead.reshape(*x.shape[:-1], -1), W_dec_dead)
+        total, terms = recipe.patchsae_objective(
+            x_nd.reshape(x.shape),
             x_hat,
-            self.W_dec,
-            l1_coefficient=self.cfg.l1_coefficient,
-            dead_mask=dead_mask,
-            use_ghost_grads=self.cfg.use_ghost_grads,
+            self.cfg.l1_coefficient * l1_sum / x_nd.shape[0],
+            dead,
             mse_cls_coefficient=self.cfg.mse_cls_coefficient,
             mse_normalization=self.cfg.mse_normalization,
         )

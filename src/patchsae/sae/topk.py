@@ -28,22 +28,20 @@ def normalized_mse(x_hat_nd: Tensor, x_nd: Tensor) -> Tensor:
     return torch.where(norm_n > 0, ratio_n, 0).mean()
 
 
-def auxk_loss(
-    pre_nm: Tensor, residual_nd: Tensor, W_dec: Tensor, dead_mask: Tensor | None, aux_k: int
-) -> Tensor:
+def auxk_loss(pre_dead: Tensor, W_dec_dead: Tensor, residual_nd: Tensor, aux_k: int) -> Tensor:
     """AuxK: reconstruct the detached residual ``x - x_hat`` (n, d) from dead latents only.
 
-    Per token, the top ``min(aux_k, n_dead)`` pre-activations among dead latents (ReLU applied)
-    are decoded without b_dec and scored with ``normalized_mse`` against the residual (each
-    token's error divided by its residual's squared norm). Returns a differentiable scalar, 0
-    when no latent is dead.
+    ``pre_dead`` (n, n_dead) and ``W_dec_dead`` (n_dead, d) are the dead latents'
+    pre-activations and decoder rows. Per token, the top ``min(aux_k, n_dead)`` of them (ReLU
+    applied) are decoded without b_dec and scored with ``normalized_mse`` against the residual
+    (each token's error divided by its residual's squared norm). Returns a differentiable
+    scalar, 0 when no latent is dead.
     """
-    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    n_dead = pre_dead.shape[-1]
     if n_dead == 0:
-        return pre_nm.new_zeros(())
-    masked = pre_nm.masked_fill(~dead_mask, float("-inf"))
-    values, indices = masked.topk(min(aux_k, n_dead), dim=-1, sorted=False)
-    recon = kernels.decode_topk(indices, torch.relu(values), W_dec)
+        return pre_dead.new_zeros(())
+    values, indices = pre_dead.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    recon = kernels.decode_topk(indices, torch.relu(values), W_dec_dead)
     return normalized_mse(recon, residual_nd)
 
 
@@ -52,8 +50,10 @@ class _KSparseSAE(SAE):
 
     uses_k = True
 
-    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
-        """Training-time decoding of pre_nm (n, m): (x_hat (n, d), fire_counts (m,) int64)."""
+    def _train_codes(self, x_nd: Tensor, dead_idx: Tensor) -> tuple[Tensor, ...]:
+        """Training-time forward of x_nd (n, d): x_hat (n, d), pre_dead (n, n_dead), W_dec_dead
+        (n_dead, d) and fire_counts (m,) int64; pre_dead and W_dec_dead belong to the latents
+        ``dead_idx``."""
         raise NotImplementedError
 
     def loss(self, x: Tensor, *, dead_mask: Tensor | None = None) -> LossOutput:
@@ -63,10 +63,13 @@ class _KSparseSAE(SAE):
         """
         self._check_dead_mask(dead_mask)
         x_nd = self._flat(x)
-        pre_nm = kernels.encode_pre(x_nd, self.W_enc, self.b_enc, self.b_dec)
-        x_hat_nd, fire_counts = self._train_codes(pre_nm)
+        dead_idx = x_nd.new_zeros(0, dtype=torch.int64)
+        if dead_mask is not None:
+            dead_idx = dead_mask.nonzero().squeeze(1)
+        x_hat_nd, pre_dead, W_dec_dead, fire_counts = self._train_codes(x_nd, dead_idx)
         mse = normalized_mse(x_hat_nd, x_nd)
-        aux = auxk_loss(pre_nm, (x_nd - x_hat_nd).detach(), self.W_dec, dead_mask, self.cfg.aux_k)
+        residual = (x_nd - x_hat_nd).detach()
+        aux = auxk_loss(pre_dead, W_dec_dead, residual, self.cfg.aux_k)
         total = mse + self.cfg.aux_coefficient * aux
         terms = {"mse": mse.detach(), "aux": aux.detach(), "total": total.detach()}
         return LossOutput(total, terms, x_hat_nd.detach().reshape(x.shape), fire_counts)
@@ -82,12 +85,10 @@ class TopKSAE(_KSparseSAE):
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
-    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
-        values, indices = pre_nm.topk(self.cfg.k, dim=-1, sorted=False)
-        values = torch.relu(values)
-        x_hat = kernels.decode_topk(indices, values, self.W_dec) + self.b_dec
-        fire_counts = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
-        return x_hat, fire_counts
+    def _train_codes(self, x_nd: Tensor, dead_idx: Tensor) -> tuple[Tensor, ...]:
+        return kernels.topk_train(
+            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, self.cfg.k, dead_idx
+        )
 
 
 @register_sae("batchtopk")
@@ -111,7 +112,8 @@ class BatchTopKSAE(_KSparseSAE):
         acts = torch.relu(self.pre_acts(x))
         return acts * (acts > self.threshold)
 
-    def _train_codes(self, pre_nm: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_codes(self, x_nd: Tensor, dead_idx: Tensor) -> tuple[Tensor, ...]:
+        pre_nm = kernels.encode_pre(x_nd, self.W_enc, self.b_enc, self.b_dec)
         n, m = pre_nm.shape
         acts = torch.relu(pre_nm).reshape(-1)
         values, flat = acts.topk(min(self.cfg.k * n, n * m), sorted=False)
@@ -121,7 +123,8 @@ class BatchTopKSAE(_KSparseSAE):
         x_hat = kernels.decode_entries(rows, cols, values, self.W_dec, n) + self.b_dec
         if self.training and values.numel() > 0:
             self._update_threshold(values.detach().min())
-        return x_hat, torch.bincount(cols, minlength=m)
+        fire_counts = torch.bincount(cols, minlength=m)
+        return x_hat, pre_nm[:, dead_idx], self.W_dec[dead_idx], fire_counts
 
     @torch.no_grad()
     def _update_threshold(self, smallest_kept: Tensor) -> None:

@@ -24,8 +24,10 @@ class TrainConfig:
     The source is ``store`` (an activation store folder) when set; ``model``, if also set, must
     then be the backbone the store was extracted from, and ``data`` is unused. Without ``store``,
     activations are computed on the fly by ``model`` on the images of ``data`` (streaming).
-    ``fidelity`` adds zero-shot CLIP fidelity to every evaluation. The defaults are the PatchSAE
-    recipe; ``configs/patchsae.yaml`` spells it out.
+    ``fidelity`` adds zero-shot CLIP fidelity to every evaluation. ``prefetch_batches`` batches
+    are read ahead on a background thread (pinned for a CUDA device; 0 reads on the training
+    thread); ``tf32`` lets CUDA float32 matmuls use TF32 (faster, about 10 mantissa bits). The
+    defaults are the PatchSAE recipe; ``configs/patchsae.yaml`` spells it out.
     """
 
     sae: SAEConfig = field(default_factory=SAEConfig)
@@ -58,6 +60,8 @@ class TrainConfig:
     log_every: int = 10
     wandb_project: str | None = None
     device: str = "cpu"
+    prefetch_batches: int = 2
+    tf32: bool = False
     sweep: tuple[dict[str, Any], ...] = ()
     fidelity: FidelityConfig | None = None
 
@@ -89,8 +93,8 @@ class TrainConfig:
         bad = [k for k, v in positive.items() if v is not None and v <= 0]
         if bad:
             raise ConfigError(f"{bad} must be positive integers")
-        if self.eval_images < 0 or self.dead_feature_window < 0:
-            raise ConfigError("eval_images and dead_feature_window must be >= 0")
+        if self.eval_images < 0 or self.dead_feature_window < 0 or self.prefetch_batches < 0:
+            raise ConfigError("eval_images, dead_feature_window and prefetch_batches must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -125,7 +129,7 @@ class TrainConfig:
 
 
 # Keys that may change between a run and its resumption: they do not touch the maths.
-RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every")
+RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every", "prefetch_batches")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

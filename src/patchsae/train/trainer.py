@@ -13,6 +13,9 @@ Output folder (``cfg.out``): ``train_config.json``; per SAE (the folder itself, 
 in a sweep) ``metrics.jsonl`` and, at the end, ``sae.safetensors`` + ``cfg.json``;
 ``checkpoint/`` (see ``patchsae.train.checkpoint``).
 
+Batches are read ahead on a background thread (``prefetch_batches``, pinned for CUDA); the
+metrics log the seconds the loop waited for input (``input_wait_s``) and ran (``elapsed_s``).
+
 Evaluation (step 0, every ``eval_every`` steps, the end) logs ``reconstruction_metrics`` on the
 held-out images (``eval_images``) and, with ``fidelity``, ``downstream_fidelity`` on labelled
 images through the CLIP backbone (rank 0 only).
@@ -36,6 +39,7 @@ from patchsae.atomic import json_ready, write_json, write_text
 from patchsae.backbones.loading import check_device
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
+from patchsae.data.prefetch import Prefetcher
 from patchsae.lock import FolderLock
 from patchsae.metrics.fidelity import FidelityError, FidelityScorer
 from patchsae.metrics.firing import FiringWindow
@@ -58,6 +62,7 @@ from patchsae.train.checkpoint import (
 from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
 from patchsae.train.health import Watch, check_finite
+from patchsae.train.optim import adam
 from patchsae.train.sources import open_source
 
 TRAIN_CONFIG = "train_config.json"
@@ -133,9 +138,7 @@ def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int)
     for name, sae_cfg in zip(cfg.member_names(), cfg.sae_configs(), strict=True):
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg).to(device)
-        opt = torch.optim.Adam(
-            sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps
-        )
+        opt = adam(sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps)
         counters = torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device)
         window = FiringWindow(sae_cfg.d_sae, max(1, cfg.dead_feature_window) * tokens_per_step)
         members.append(Member(name, sae, opt, counters, window, out / name if name else out))
@@ -392,12 +395,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     check_device(cfg.device)
     d = ddp.setup(cfg.device)
     clean = False
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     try:
         with contextlib.ExitStack() as held:
             out = _train(cfg, resume, d, held)
         clean = True
         return out
     finally:
+        torch.set_float32_matmul_precision(precision)
         ddp.teardown(d, clean)
 
 
@@ -467,14 +473,18 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
         batches = itertools.chain([first], batches)
         if evaluating and d.is_main:
             _evaluate(cfg, members, source, fidelity, progress, log)
+    if cfg.prefetch_batches:
+        batches = Prefetcher(batches, cfg.prefetch_batches, pin=d.device.type == "cuda")
     bar = tqdm(
         total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
     )
-    t0, tokens0 = time.perf_counter(), progress["tokens"]
+    t0, tokens0, waited = time.perf_counter(), progress["tokens"], 0.0
     try:
         while progress["step"] < n_steps:
+            start = time.perf_counter()
             x_global, position = next(batches)
-            x = x_global[d.slice(x_global.shape[0])].to(d.device)
+            waited += time.perf_counter() - start
+            x = x_global[d.slice(x_global.shape[0])].to(d.device, non_blocking=True)
             step = progress["step"]
             records = [_step(cfg, m, x, step, d) for m in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
@@ -484,7 +494,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
                 x_global.shape[0] if cfg.batch_mode == "images" else n_tokens / tpi
             )
             progress["data_position"] = position
-            rate = (progress["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            rate = (progress["tokens"] - tokens0) / elapsed
             bar.update(1)
             bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
@@ -496,7 +507,14 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             if logging:
                 for m, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
-                    line = {**head, **record, **m.firing.fractions(), "tokens_per_s": rate}
+                    line = {
+                        **head,
+                        **record,
+                        **m.firing.fractions(),
+                        "tokens_per_s": rate,
+                        "input_wait_s": waited,
+                        "elapsed_s": elapsed,
+                    }
                     warning = m.watch.observe(
                         "dead", line["frac_dead"] >= 1.0, progress["step"], m.label, out
                     )
@@ -506,6 +524,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             if d.is_main and saving:
                 _checkpoint(cfg, members, progress, source)
     finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
         bar.close()
         log.close()
     if d.is_main:
