@@ -32,7 +32,7 @@ import torch
 
 from patchsae.backbones import TokenLayout
 from patchsae.config import load_config
-from patchsae.data.store import StoreWriter, to_storage
+from patchsae.data.store import StoreMetadata, StoreWriter, to_storage
 from patchsae.train import TrainConfig, train, trainer
 from patchsae.train.sources import open_source
 from workload import trained_sparsity
@@ -44,15 +44,14 @@ TOKENS, D_MODEL, L0, DEAD_FRAC = 197, 768, 150, 0.05
 def write_store(root: Path, n_images: int, seed: int = 0) -> Path:
     """An fp16 store of ``n_images`` random (197, 768) images with CLS at token 0."""
     layout = TokenLayout(n_tokens=TOKENS, cls_index=0, patch_start=1, grid=(14, 14))
-    plan = {
-        "format_version": 1,
-        "layers": [10],
-        "dtype": "fp16",
-        "d_model": D_MODEL,
-        "n_tokens": TOKENS,
-        "token_layout": layout.to_dict(),
-        "backbone": {"name": "random-clip-vit-b16", "n_layers": 12},
-    }
+    plan = StoreMetadata(
+        layers=[10],
+        dtype="fp16",
+        d_model=D_MODEL,
+        n_tokens=TOKENS,
+        token_layout=layout.to_dict(),
+        backbone={"name": "random-clip-vit-b16", "n_layers": 12},
+    )
     g = torch.Generator().manual_seed(seed)
     with StoreWriter(root, plan) as writer:
         shard = writer.shard(0, n_images)

@@ -15,7 +15,13 @@ import torch
 from patchsae import cli
 from patchsae.checksum import file_checksum, file_problem
 from patchsae.config import from_dict
-from patchsae.data.store import ActivationStore, StoreError, StoreWriter, verify_store
+from patchsae.data.store import (
+    ActivationStore,
+    StoreError,
+    StoreMetadata,
+    StoreWriter,
+    verify_store,
+)
 from patchsae.metrics.firing import MetricsError
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.config import SAEConfig
@@ -73,11 +79,11 @@ def test_store_shard_changed_in_place_is_found_and_recomputed_by_extract(store, 
     assert before.shape == (5, 4)
 
 
-def plan_of(store: Path) -> dict:
+def plan_of(store: Path) -> StoreMetadata:
     from patchsae.data.store import RESULT_KEYS
 
     meta = json.loads((store / "metadata.json").read_text())
-    return {k: v for k, v in meta.items() if k not in RESULT_KEYS}
+    return StoreMetadata.from_dict({k: v for k, v in meta.items() if k not in RESULT_KEYS})
 
 
 @pytest.mark.parametrize("name", ["example_ids.npy", "labels.npy"])

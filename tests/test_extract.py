@@ -23,7 +23,7 @@ from assets import DINOV2, FASHION_MNIST
 from patchsae.cli import main
 from patchsae.config import ConfigError
 from patchsae.data.images import DataConfig, open_images, shuffled_order
-from patchsae.data.store import ActivationStore, StoreError
+from patchsae.data.store import ActivationStore, StoreError, StoreMetadata
 from patchsae.extract import ExtractConfig, config_from_args, extract, register
 from tiny_models import save_tiny_vit
 
@@ -112,6 +112,10 @@ def test_extract_matches_hf_and_skips_bad_images(
     assert meta["data"]["fingerprint"] == source.fingerprint and meta["class_names"] == ["a", "b"]
     assert (meta["n_tokens"], meta["d_model"], meta["dtype"]) == (17, 32, "fp32")
     assert meta["token_layout"]["grid"] == [4, 4]
+    assert store.meta == StoreMetadata.load(out / "metadata.json")
+    assert store.meta.shard_counts == [3, 4, 3] and store.meta.n_planned == 12
+    store.meta.dump(tmp_path / "copy.json")  # the typed metadata writes the same bytes
+    assert (tmp_path / "copy.json").read_bytes() == (out / "metadata.json").read_bytes()
     pixels = torch.cat([source_preprocess(tiny_model, source, i) for i in kept])
     hidden = hf_hidden_states(tiny_model, pixels)
     for layer in (1, 2):

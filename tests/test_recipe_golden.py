@@ -9,16 +9,14 @@ import torch
 
 from compare import rel_err
 from patchsae.sae.recipe import (
-    dead_latents,
     ghost_terms,
     mse_elementwise,
     normalize_rows_,
     patchsae_loss,
     remove_parallel_component_,
     sparsity_per_position,
-    update_dead_counters,
-    warmup_factor,
 )
+from patchsae.train.step import dead_latents, update_dead_counters, warmup_factor
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 GHOST_NAMES = (

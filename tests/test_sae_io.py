@@ -773,3 +773,23 @@ def test_defaultdict_of_dict_becomes_a_plain_dict_and_other_factories_are_refuse
     hand.write_bytes(b"c__builtin__\ndict\n)R.")
     with pytest.raises(PickleRefused, match="not a readable checkpoint"):
         read_pickled_checkpoint(hand)
+
+
+def test_load_ours_reads_only_our_folder(tmp_path):
+    """Resume's loader: our folder loads; a SAELens folder or an original pickle is refused
+    without reaching another format's reader."""
+    from patchsae.sae.formats.ours import load_ours
+
+    sae = random_sae("topk")
+    loaded = load_ours(save(sae, tmp_path / "ours"))
+    for key, value in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    saelens = export_saelens(sae, tmp_path / "saelens")
+    with pytest.raises(CheckpointError, match="is not a patchsae-sae checkpoint"):
+        load_ours(saelens)
+    state = {k: v.clone() for k, v in random_sae("relu", 16, 64).state_dict().items()}
+    (tmp_path / "orig").mkdir()
+    original = write_original(tmp_path / "orig" / "sae.pt", state, "zip", d_in=16, d_sae=64)
+    assert load(original).cfg.d_sae == 64
+    with pytest.raises(CheckpointError, match="is not a patchsae-sae checkpoint"):
+        load_ours(original.parent)

@@ -24,6 +24,7 @@ from patchsae.data.store import (
     FORMAT_VERSION,
     ActivationStore,
     StoreError,
+    StoreMetadata,
     StoreWriter,
     to_storage,
 )
@@ -32,17 +33,17 @@ LAYOUT = TokenLayout(n_tokens=5, cls_index=0, patch_start=1, grid=(2, 2))
 N_LAYERS = 4
 
 
-def make_plan(dtype: str = "fp32", layers=(1, 3), d_model: int = 3, **extra) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": {"name": "fake", "family": "vit", "n_layers": N_LAYERS},
-        "layers": list(layers),
-        "token_layout": LAYOUT.to_dict(),
-        "d_model": d_model,
-        "n_tokens": LAYOUT.n_tokens,
-        "dtype": dtype,
+def make_plan(dtype: str = "fp32", layers=(1, 3), d_model: int = 3, **extra) -> StoreMetadata:
+    return StoreMetadata(
+        format_version=FORMAT_VERSION,
+        backbone={"name": "fake", "family": "vit", "n_layers": N_LAYERS},
+        layers=list(layers),
+        token_layout=LAYOUT.to_dict(),
+        d_model=d_model,
+        n_tokens=LAYOUT.n_tokens,
+        dtype=dtype,
         **extra,
-    }
+    )
 
 
 def coded_acts(ids: np.ndarray, layer: int) -> torch.Tensor:
@@ -449,3 +450,20 @@ def test_both_loaders_refuse_bad_stream_arguments(
         next(image_batches_from_store(coded_store, **args))
     with pytest.raises(StoreError, match="window_images must be >= 1, got 0"):
         next(token_batches(coded_store, 4, seed=0, window_images=0))
+
+
+def test_store_metadata_refuses_unknown_and_missing_keys(tmp_path: Path) -> None:
+    plan = make_plan().to_dict()
+    assert list(plan)[:3] == ["format_version", "backbone", "layers"]
+    assert StoreMetadata.from_dict(plan) == make_plan()
+    with pytest.raises(StoreError, match=r"unknown keys \['colour'\]"):
+        StoreMetadata.from_dict({**plan, "colour": 1})
+    del plan["d_model"]
+    with pytest.raises(StoreError, match=r"missing keys \['d_model'\]"):
+        StoreMetadata.from_dict(plan)
+    root = tmp_path / "s"
+    StoreWriter(root, make_plan()).close()  # an in-progress store: plan, then complete: false
+    written = (root / "metadata.json").read_bytes()
+    StoreMetadata.load(root / "metadata.json").dump(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == written
+    assert json.loads(written)["complete"] is False

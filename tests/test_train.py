@@ -25,13 +25,13 @@ from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.config import SAEConfig
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.io import load
-from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
 from patchsae.sae.registry import make_sae
 from patchsae.train import TrainConfig, ddp, train, trainer
 from patchsae.train.checkpoint import write_checkpoint
 from patchsae.train.optim import adam
 from patchsae.train.sources import open_source
-from patchsae.train.trainer import TrainingError, _check_compatible, lr_at
+from patchsae.train.step import dead_latents, lr_at, update_dead_counters, warmup_factor
+from patchsae.train.trainer import TrainingError, _check_compatible
 from run_files import kill_after_first_checkpoint, metrics, untimed_metrics, weights
 from tiny_stores import make_store
 

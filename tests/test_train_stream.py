@@ -239,17 +239,17 @@ def test_resume_from_a_mid_window_checkpoint_equals_a_straight_run(
         extra = {"batch_mode": "tokens", "batch_tokens": 7, "b_dec_init": "geometric_median_tokens"}
         extra |= {"total_images": None, "total_tokens": 84}
     cfg = config(model, images, tmp_path / "cut", **extra)
-    original_step = trainer_module._step
+    original_step = trainer_module.train_step
 
     def dying_step(cfg_, m, x, step, d):
         if step == 8:
             raise Interrupted
         return original_step(cfg_, m, x, step, d)
 
-    monkeypatch.setattr(trainer_module, "_step", dying_step)
+    monkeypatch.setattr(trainer_module, "train_step", dying_step)
     with pytest.raises(Interrupted):
         train(cfg)
-    monkeypatch.setattr(trainer_module, "_step", original_step)
+    monkeypatch.setattr(trainer_module, "train_step", original_step)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6
     position = state["data_position"]

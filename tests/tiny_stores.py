@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from patchsae.backbones import TokenLayout
-from patchsae.data.store import StoreWriter
+from patchsae.data.store import StoreMetadata, StoreWriter
 
 
 def make_store(
@@ -28,16 +28,15 @@ def make_store(
     """
     n, t, d = acts_ntd.shape
     layout = TokenLayout(n_tokens=t, cls_index=0, patch_start=1, grid=grid or (1, t - 1))
-    plan = {
-        "format_version": 1,
-        "layers": [0],
-        "dtype": "fp32",
-        "d_model": d,
-        "n_tokens": t,
-        "token_layout": layout.to_dict(),
-        "backbone": backbone or {"name": "tiny", "n_layers": 2},
-        "class_names": list(class_names or []),
-    }
+    plan = StoreMetadata(
+        layers=[0],
+        dtype="fp32",
+        d_model=d,
+        n_tokens=t,
+        token_layout=layout.to_dict(),
+        backbone=backbone or {"name": "tiny", "n_layers": 2},
+        class_names=list(class_names or []),
+    )
     with StoreWriter(root, plan) as writer:
         shard = writer.shard(0, n)
         shard.append({0: torch.from_numpy(np.ascontiguousarray(acts_ntd, dtype=np.float32))})

@@ -33,7 +33,7 @@ from patchsae.data.images import (
     open_images,
     shuffled_order,
 )
-from patchsae.data.store import BAD_IMAGES, FORMAT_VERSION, StoreWriter, to_storage
+from patchsae.data.store import BAD_IMAGES, FORMAT_VERSION, StoreMetadata, StoreWriter, to_storage
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class ExtractConfig:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
-def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned: int) -> dict:
+def _plan(
+    cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned: int
+) -> StoreMetadata:
     """The store metadata fixed before any image is processed (compared on resume).
 
     Every setting appears once. Local model and data paths are recorded resolved (a backbone
@@ -92,24 +94,24 @@ def _plan(cfg: ExtractConfig, backbone: Backbone, source: ImageSource, n_planned
         source=resolve_local(cfg.data.source),
         class_names_file=resolve_local(cfg.data.class_names_file),
     )
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": {**backbone.identity(), "n_layers": backbone.n_layers},
-        "layers": layers,
-        "layers_requested": list(cfg.layers),
-        "token_layout": backbone.token_layout.to_dict(),
-        "d_model": backbone.d_model,
-        "n_tokens": backbone.token_layout.n_tokens,
-        "dtype": cfg.dtype,
-        "data": {**to_dict(data), "fingerprint": source.fingerprint, "n_source": len(source)},
-        "class_names": list(source.class_names),
-        "seed": cfg.seed,
-        "limit": cfg.limit,
-        "shard_images": cfg.shard_images,
-        "batch_size": cfg.batch_size,
-        "n_planned": n_planned,
-        "n_shards": -(-n_planned // cfg.shard_images),
-    }
+    return StoreMetadata(
+        format_version=FORMAT_VERSION,
+        backbone={**backbone.identity(), "n_layers": backbone.n_layers},
+        layers=layers,
+        layers_requested=list(cfg.layers),
+        token_layout=backbone.token_layout.to_dict(),
+        d_model=backbone.d_model,
+        n_tokens=backbone.token_layout.n_tokens,
+        dtype=cfg.dtype,
+        data={**to_dict(data), "fingerprint": source.fingerprint, "n_source": len(source)},
+        class_names=list(source.class_names),
+        seed=cfg.seed,
+        limit=cfg.limit,
+        shard_images=cfg.shard_images,
+        batch_size=cfg.batch_size,
+        n_planned=n_planned,
+        n_shards=-(-n_planned // cfg.shard_images),
+    )
 
 
 def _print_bad(bad: list[BadRecord], out: Path) -> None:
@@ -147,7 +149,7 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
     out = Path(cfg.out)
     with StoreWriter(out, plan) as writer:
         if writer.complete:
-            print(f"{out} is already complete ({plan['n_planned']} images planned); nothing to do")
+            print(f"{out} is already complete ({plan.n_planned} images planned); nothing to do")
             return out
         if writer.damage is not None:
             print(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
@@ -156,7 +158,7 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
             print(
                 f"{out} was started before EXIF orientation was applied: resuming it on raw pixels"
             )
-        entries = [writer.shard_entry(k) for k in range(plan["n_shards"])]
+        entries = [writer.shard_entry(k) for k in range(plan.n_shards)]
         todo = [k for k, entry in enumerate(entries) if entry is None]
         done_images = sum(len(e["example_ids"]) + len(e["bad"]) for e in entries if e)
         bar = tqdm(total=len(order), initial=done_images, unit="img", desc="extract")

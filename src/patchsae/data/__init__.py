@@ -1,7 +1,8 @@
 """Image sources and the activation store.
 
 ``patchsae.data.images`` reads images; ``patchsae.data.store`` holds their activations on disk;
-``patchsae.data.loaders`` streams training batches out of a store.
+``patchsae.data.loaders`` streams training batches out of a store, cut by the one re-batching
+generator ``patchsae.data.rebatch``.
 """
 
 from patchsae.data.images import (

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from patchsae.data.rebatch import rebatch
 from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore, StoreError
 
@@ -82,30 +83,26 @@ def token_batches(
             f"{epochs} epoch(s) cannot fill one batch of {batch_size}: lower batch_size, widen "
             "the image range or raise epochs"
         )
-    offset = start_batch * batch_size
-    epoch, within = divmod(offset, n_images * per_image)
+    epoch, within = divmod(start_batch * batch_size, n_images * per_image)
     first_window, skip = divmod(within, per_window)
-    pending = np.zeros((0, store.d_model), dtype=np.float32)
-    while epochs is None or epoch < epochs:
-        order = epoch_order(n_images, seed, epoch)
-        for w in range(first_window, -(-n_images // window_images)):
-            images = window_positions(order, w, window_images) + start
-            window_nd = store.take(images, layer, token_sel).reshape(-1, store.d_model)
-            tokens_nd = shuffle_window_tokens(window_nd, seed, epoch, w)[skip:]
-            skip = 0
-            need = batch_size - len(pending)
-            if len(tokens_nd) < need:
-                pending = np.concatenate([pending, tokens_nd])
-                continue
-            if len(pending):
-                yield torch.from_numpy(np.concatenate([pending, tokens_nd[:need]]))
-                tokens_nd = tokens_nd[need:]
-            n_full = len(tokens_nd) // batch_size
-            for b in range(n_full):
-                yield torch.from_numpy(tokens_nd[b * batch_size : (b + 1) * batch_size])
-            pending = tokens_nd[n_full * batch_size :]
-        first_window = 0
-        epoch += 1
+
+    def windows() -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        e, first = epoch, first_window
+        while epochs is None or e < epochs:
+            order = epoch_order(n_images, seed, e)
+            for w in range(first, -(-n_images // window_images)):
+                images = window_positions(order, w, window_images) + start
+                window_nd = store.take(images, layer, token_sel).reshape(-1, store.d_model)
+                yield (e, w), shuffle_window_tokens(window_nd, seed, e, w)
+            first, e = 0, e + 1
+
+    for batch, _, _ in rebatch(windows(), batch_size, _concat, skip=skip):
+        yield torch.from_numpy(batch)
+
+
+def _concat(pieces: list[np.ndarray]) -> np.ndarray:
+    """The pieces of a batch as one array (a single piece as it is, uncopied)."""
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def image_batches_from_store(
@@ -132,22 +129,15 @@ def image_batches_from_store(
     layer = store.resolve_layer(layer)
     n_images = stop - start
     epoch, pos = divmod(start_batch * batch_size, n_images)
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    while epochs is None or epoch < epochs:
-        order = epoch_order(n_images, shuffle_seed, epoch) + start
-        while pos < n_images:
-            take = min(batch_size - n_pending, n_images - pos)
-            pending.append(order[pos : pos + take])
-            n_pending += take
-            pos += take
-            if n_pending == batch_size:
-                yield _read_images(store, np.concatenate(pending), layer)
-                pending, n_pending = [], 0
-        pos = 0
-        epoch += 1
-    if n_pending:
-        yield _read_images(store, np.concatenate(pending), layer)
+
+    def orders() -> Iterator[tuple[int, np.ndarray]]:
+        e = epoch
+        while epochs is None or e < epochs:
+            yield e, epoch_order(n_images, shuffle_seed, e) + start
+            e += 1
+
+    for images, _, _ in rebatch(orders(), batch_size, _concat, skip=pos, keep_last=True):
+        yield _read_images(store, images, layer)
 
 
 def _read_images(store: ActivationStore, images: np.ndarray, layer: int) -> torch.Tensor:

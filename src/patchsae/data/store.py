@@ -17,9 +17,11 @@ either a complete shard or files that are rewritten on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,81 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             f"{path} is corrupt ({err}); the store cannot be read or resumed: extract it again "
             "into an empty --out"
         ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreMetadata:
+    """``metadata.json`` of a store: the plan fixed before any image is processed (compared on
+    resume), then, once written, the results (None until then; older stores lack some).
+
+    ``to_dict`` / ``dump`` write the keys in the order below (plan, then the results that are
+    set), as ``docs/store.md`` lists them; ``load`` / ``from_dict`` read them back. ``extract``
+    sets every plan field; stores written from arrays (tests, benches) may leave the ones after
+    ``dtype`` at their defaults.
+    """
+
+    format_version: int = FORMAT_VERSION
+    backbone: dict[str, Any]
+    layers: list[int]
+    layers_requested: list[Any] | None = None
+    token_layout: dict[str, Any]
+    d_model: int
+    n_tokens: int
+    dtype: str
+    data: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    seed: int | None = None
+    limit: int | None = None
+    shard_images: int | None = None
+    batch_size: int | None = None
+    n_planned: int | None = None
+    n_shards: int | None = None
+    checksums: dict[str, str] | None = None
+    complete: bool | None = None
+    n_images: int | None = None
+    n_bad: int | None = None
+    shard_counts: list[int] | None = None
+    files: dict[str, str] | None = None
+    devices: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: every plan key, then the results that are set."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in RESULT_KEYS or value is not None:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = METADATA) -> StoreMetadata:
+        """The metadata of the JSON object ``data``; unknown or missing keys are a StoreError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is f.default_factory is dataclasses.MISSING and f.name not in data
+        )
+        if unknown or missing:
+            raise StoreError(
+                f"{source} is not store metadata (unknown keys {unknown}, missing keys "
+                f"{missing}); extract the store again with this version"
+            )
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StoreMetadata:
+        """The metadata in the file ``path``."""
+        return cls.from_dict(_read_metadata(Path(path)), str(path))
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Write ``path`` atomically, as the store writer does (one key per line, indent 1)."""
+        write_json(Path(path), self.to_dict(), indent=1)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_dict(self.token_layout)
 
 
 def _complete_entry(
@@ -282,9 +359,9 @@ class StoreWriter:
     a second writer on the same folder, in this process or another, is refused.
     """
 
-    def __init__(self, root: str | os.PathLike, plan: dict[str, Any]) -> None:
+    def __init__(self, root: str | os.PathLike, plan: StoreMetadata) -> None:
         self.root = Path(root)
-        self.plan = plan
+        self.plan = plan.to_dict()
         self._folder_lock: FolderLock | None = None
         self._verified: dict[tuple[str, int, int], str | None] = {}  # checksum results
         self.damage: str | None = None  # why a complete store had to be reopened
@@ -428,12 +505,13 @@ class ActivationStore:
     def __init__(self, root: Path, metadata: dict[str, Any]) -> None:
         self.root = root
         self.metadata = metadata
-        self.layers: list[int] = list(metadata["layers"])
-        self.dtype: str = metadata["dtype"]
-        self.d_model: int = int(metadata["d_model"])
-        self.n_tokens: int = int(metadata["n_tokens"])
-        self.token_layout = TokenLayout.from_dict(metadata["token_layout"])
-        counts = np.asarray(metadata["shard_counts"], dtype=np.int64)
+        self.meta = StoreMetadata.from_dict(metadata, str(root / METADATA))
+        self.layers: list[int] = list(self.meta.layers)
+        self.dtype: str = self.meta.dtype
+        self.d_model: int = int(self.meta.d_model)
+        self.n_tokens: int = int(self.meta.n_tokens)
+        self.token_layout = self.meta.layout
+        counts = np.asarray(self.meta.shard_counts, dtype=np.int64)
         self.shard_counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         problem = index_problem(root, metadata)

@@ -253,7 +253,7 @@ class FidelityScorer:
         self._text: torch.Tensor | None = None
         self._fixed: dict[str, float] | None = None
         self.d_model = store.d_model if store is not None else None
-        named = store.metadata.get("backbone", {}) if store is not None else {}
+        named = store.meta.backbone if store is not None else {}
         self._backbone = backbone if cfg.tokenizer is None else None
         if backbone is not None:
             self.model, family = model or backbone.name, backbone.family

@@ -1,5 +1,5 @@
-"""The PatchSAE ReLU training recipe, reproduced exactly: loss, ghost grads, decoder constraints,
-warm-up and dead-latent bookkeeping.
+"""The PatchSAE ReLU training recipe, reproduced exactly: loss, ghost grads, decoder constraints.
+(The warm-up and dead-latent bookkeeping of the step live in ``patchsae.train.step``.)
 
 Every formula and every quirk of the original is written out in ``docs/recipe.md``. Shapes:
 x and x_hat are (B, T, d) (one row per image, token 0 is CLS) or (N, d) (flat tokens);
@@ -286,36 +286,3 @@ def remove_parallel_component_(grad: Tensor, W_dec: Tensor) -> Tensor:
     """
     parallel = torch.linalg.vecdot(grad, W_dec).unsqueeze(-1)
     return grad.addcmul_(parallel, W_dec, value=-1)
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier ``min(1, (step + 1) / warmup_steps)`` for optimizer step ``step``.
-
-    Counts from step 0, as ``LambdaLR`` does, so the first step already uses ``lr/warmup_steps``.
-    ``warmup_steps=0`` means no warm-up (factor 1).
-    """
-    if warmup_steps < 0 or step < 0:
-        raise ValueError(f"need step >= 0 and warmup_steps >= 0, got {step}, {warmup_steps}")
-    if warmup_steps == 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def dead_latents(counters: Tensor, window: int) -> Tensor:
-    """Bool mask (m,) of latents whose steps-since-fired counter exceeds ``window`` (strict)."""
-    return counters > window
-
-
-@torch.no_grad()
-def update_dead_counters(counters: Tensor, fire_counts: Tensor) -> Tensor:
-    """After a step: ``counters += 1``, then reset latents that fired (fire_counts (m,) > 0).
-
-    counters (m,) is updated in place and returned.
-    """
-    if counters.shape != fire_counts.shape:
-        raise ValueError(
-            f"counters {tuple(counters.shape)} and fire_counts {tuple(fire_counts.shape)} differ"
-        )
-    counters += 1
-    counters[fire_counts > 0] = 0
-    return counters

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from patchsae.atomic import write_json, write_with
 from patchsae.checksum import file_checksum, file_problem
-from patchsae.sae.io import CheckpointError, load, save
+from patchsae.sae.formats.ours import load_ours
+from patchsae.sae.io import save
 from patchsae.train.errors import TrainingError
 
 FORMAT_VERSION = 1
@@ -194,8 +195,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 
 def load_member(path: Path, name: str) -> Any:
-    """The SAE saved as member ``name`` of the checkpoint at ``path``."""
+    """The SAE saved as member ``name`` of the checkpoint at ``path`` (our format only)."""
     try:
-        return load(path / name)
-    except (OSError, SafetensorError, CheckpointError) as err:
+        return load_ours(path / name)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
         raise damaged(path, path / name, f"cannot be read ({err})") from None

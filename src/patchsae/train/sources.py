@@ -14,17 +14,18 @@ held out: never trained on, used by ``eval_batches``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from patchsae.backbones import TokenLayout, load_backbone
+from patchsae.backbones import Backbone, TokenLayout, load_backbone
 from patchsae.config import resolve_local
 from patchsae.data.images import BadRecord, image_batches, open_images
 from patchsae.data.loaders import image_batches_from_store, token_batches
+from patchsae.data.rebatch import rebatch
 from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore
 from patchsae.train.config import TrainConfig
@@ -43,12 +44,49 @@ def selected_layout(layout: TokenLayout, tokens: str) -> TokenLayout | None:
     return TokenLayout(n_tokens=layout.n_patches, cls_index=None, patch_start=0, grid=layout.grid)
 
 
+class BatchSource(Protocol):
+    """What the trainer reads from a batch source (``StoreSource`` or ``StreamSource``)."""
+
+    layout: TokenLayout
+    eval_layout: TokenLayout | None
+    d_model: int
+    tokens_per_image: int
+    layer_index: int
+    store: ActivationStore | None
+    backbone: Backbone | None
+    bad: Sequence[BadRecord]
+
+    def start_position(self) -> dict[str, Any]:
+        """The data position of the first batch (JSON-ready, saved in checkpoints)."""
+        ...
+
+    def batches(self, position: dict[str, Any]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """Global batches from ``position`` on, each with the position after it."""
+        ...
+
+    def eval_batches(self) -> Iterator[torch.Tensor]:
+        """The held-out images as ``reconstruction_metrics`` takes them with ``eval_layout``."""
+        ...
+
+    def restore(self, described: dict[str, Any]) -> None:
+        """Take back what ``describe()`` recorded in the checkpoint being resumed."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the run trains on (recorded with checkpoints)."""
+        ...
+
+
 class Source:
     """Shared bookkeeping of a batch source: layout, sizes, held-out slice."""
 
     layout: TokenLayout
     d_model: int
     n_images: int
+    layer_index: int
+    store: ActivationStore | None = None
+    backbone: Backbone | None = None
+    bad: Sequence[BadRecord] = ()
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -95,7 +133,7 @@ class StoreSource(Source):
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.store = ActivationStore.open(cfg.store)
-        extracted_from = self.store.metadata.get("backbone", {}).get("name")
+        extracted_from = self.store.meta.backbone.get("name")
         model = resolve_local(cfg.model)
         if model is not None and extracted_from is not None and model != extracted_from:
             raise SourceError(
@@ -234,28 +272,26 @@ class StreamSource(Source):
         """Global batches from ``position`` on, each with the position after it."""
         cfg = self.cfg
         size = cfg.batch_images if cfg.batch_mode == "images" else cfg.batch_tokens
-        epoch, window, offset = position["epoch"], position["window"], position["offset"]
-        items = self._window(epoch, window)
-        pieces: list[torch.Tensor] = []
-        have, epoch_has_items = 0, window > 0
+        cut = rebatch(self._windows(position), size, torch.cat, skip=position["offset"])
+        for batch, (epoch, window), offset in cut:
+            yield batch, {"epoch": epoch, "window": window, "offset": offset}
+
+    def _windows(self, position: dict[str, Any]) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+        """The stream of windows from ``position`` on; an epoch ends with an empty window keyed
+        one past its last, where the position of a batch that used up the epoch points."""
+        epoch, window = position["epoch"], position["window"]
+        epoch_has_items = window > 0
         while True:
+            items = self._window(epoch, window)
             if items is None:
                 if not epoch_has_items:
                     raise SourceError("every training image is unreadable; see bad_images.json")
-                epoch, window, offset, epoch_has_items = epoch + 1, 0, 0, False
-                items = self._window(epoch, window)
+                yield (epoch, window), torch.zeros(0)
+                epoch, window, epoch_has_items = epoch + 1, 0, False
                 continue
             epoch_has_items = epoch_has_items or len(items) > 0
-            take = min(size - have, len(items) - offset)
-            if take > 0:
-                pieces.append(items[offset : offset + take])
-                have, offset = have + take, offset + take
-            if offset >= len(items):
-                window, offset = window + 1, 0
-                items = self._window(epoch, window)
-            if have == size:
-                yield torch.cat(pieces), {"epoch": epoch, "window": window, "offset": offset}
-                pieces, have = [], 0
+            yield (epoch, window), items
+            window += 1
 
     def eval_batches(self) -> Iterator[torch.Tensor]:
         """The held-out images (the last ``eval_images`` of the source) as ``eval_view`` batches."""
@@ -283,6 +319,6 @@ class StreamSource(Source):
         }
 
 
-def open_source(cfg: TrainConfig, device: torch.device) -> StoreSource | StreamSource:
+def open_source(cfg: TrainConfig, device: torch.device) -> BatchSource:
     """The batch source ``cfg`` describes (a store, or a backbone streaming images)."""
     return StoreSource(cfg) if cfg.store is not None else StreamSource(cfg, device)

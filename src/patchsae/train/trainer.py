@@ -1,6 +1,7 @@
 """The training loop: the PatchSAE step for one SAE, or several side by side on the same batches.
 
-One step per SAE, in the original's order (``SAETrainer._train_step``):
+One step per SAE (``patchsae.train.step.train_step``), in the original's order
+(``SAETrainer._train_step``):
 
 1. ``normalize_decoder_()`` (unit W_dec rows at the start of the step);
 2. dead mask from the steps-since-fired counters of earlier steps (``> dead_feature_window``);
@@ -28,14 +29,13 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from patchsae.atomic import json_ready, write_json, write_text
+from patchsae.atomic import write_json
 from patchsae.backbones.loading import check_device
 from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import write_bad_report
@@ -46,7 +46,6 @@ from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.io import save
-from patchsae.sae.recipe import dead_latents, update_dead_counters, warmup_factor
 from patchsae.sae.registry import make_sae
 from patchsae.train import ddp
 from patchsae.train.checkpoint import (
@@ -61,38 +60,13 @@ from patchsae.train.checkpoint import (
 )
 from patchsae.train.config import TrainConfig, config_differences
 from patchsae.train.errors import TrainingError
-from patchsae.train.health import Watch, check_finite
+from patchsae.train.health import check_finite
+from patchsae.train.log import METRICS, Logger, truncate_metrics
 from patchsae.train.optim import adam
-from patchsae.train.sources import open_source
+from patchsae.train.sources import BatchSource, open_source
+from patchsae.train.step import Member, lr_at, train_step
 
 TRAIN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Member:
-    """One SAE of the run, with its own optimiser, dead-latent counters and output folder."""
-
-    name: str
-    sae: Any
-    opt: torch.optim.Adam
-    counters: torch.Tensor
-    firing: FiringWindow
-    out_dir: Path
-    watch: Watch = field(default_factory=Watch)
-
-    @property
-    def ckpt_name(self) -> str:
-        return self.name or "sae"
-
-    @property
-    def label(self) -> str:
-        return f" (SAE {self.name})" if self.name else ""
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
-    return cfg.lr * warmup_factor(step, cfg.warmup_steps)
 
 
 def plan_steps(cfg: TrainConfig, tokens_per_image: int) -> int:
@@ -109,7 +83,7 @@ def plan_steps(cfg: TrainConfig, tokens_per_image: int) -> int:
     return max(1, min(limits))
 
 
-def _check_compatible(cfg: TrainConfig, source: Any, world_size: int) -> None:
+def _check_compatible(cfg: TrainConfig, source: BatchSource, world_size: int) -> None:
     for i, sae_cfg in enumerate(cfg.sae_configs()):
         where = f"sweep[{i}]" if cfg.sweep else "sae"
         if sae_cfg.arch == "batchtopk" and world_size > 1:
@@ -162,116 +136,6 @@ def _init_b_dec(
         m.sae.b_dec.copy_(cache[dtype])
 
 
-def _step(cfg: TrainConfig, m: Member, x: torch.Tensor, step: int, d: ddp.Dist) -> dict[str, float]:
-    """One training step of one SAE on this rank's slice ``x``; returns its log values.
-
-    The loss, its terms, the fire count and the dead-mask size travel in one float64 tensor
-    (one all-reduce, one host sync). NaN/Inf activations make the loss non-finite, which stops
-    the run here, before any update.
-    """
-    sae = m.sae
-    sae.train()
-    m.opt.zero_grad(set_to_none=True)
-    sae.normalize_decoder_()
-    dead = dead_latents(m.counters, cfg.dead_feature_window)
-    out = sae.loss(x.to(sae.dtype), dead_mask=dead)
-    names = sorted(out.terms)
-    fire_local = out.fire_counts.detach().to(torch.int64)
-    packed = torch.stack(
-        [
-            out.total.detach().double(),
-            *(out.terms[k].detach().double() for k in names),
-            fire_local.sum().double(),
-            dead.sum().double(),
-        ]
-    )
-    *losses, fire_total, n_dead = ddp.all_reduce_sum_(packed, d).tolist()
-    losses = [v / d.world_size for v in losses]
-    if not all(math.isfinite(v) for v in losses):
-        if not torch.isfinite(x).all():
-            raise TrainingError(
-                f"non-finite activations in the batch of step {step}: the activation source "
-                "holds NaN/Inf values. The run stopped; the last checkpoint is intact"
-            )
-        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total", *names], losses, strict=True))
-        raise TrainingError(
-            f"non-finite loss at step {step}{m.label}: {values}. The run stopped; the last "
-            "checkpoint is intact. Lower lr or check the activations, then --resume"
-        )
-    fire = ddp.all_reduce_sum_(fire_local.clone(), d)
-    update_dead_counters(m.counters, fire)
-    n_tokens = x.numel() // x.shape[-1] * d.world_size
-    m.firing.update(fire, n_tokens)
-    out.total.backward()
-    ddp.average_gradients_(sae, d)
-    sae.remove_parallel_grad_()
-    lr = lr_at(cfg, step)
-    for group in m.opt.param_groups:
-        group["lr"] = lr
-    m.opt.step()
-    record = {"lr": lr, "loss": losses[0]}
-    record.update(zip(names, losses[1:], strict=True))
-    record["l0"] = fire_total / n_tokens
-    record["n_dead_mask"] = round(n_dead / d.world_size)
-    return record
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one line of strict JSON (NaN and infinities become null)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
-
-
-def _truncate_metrics(path: Path, keep_until: int | None) -> None:
-    """Drop metrics lines of steps after ``keep_until`` (all lines when None), atomically.
-
-    A run killed while appending leaves a partial last line; it is dropped too.
-    """
-    if not path.is_file():
-        return
-    kept = []
-    if keep_until is not None:
-        for line in path.read_text().splitlines():
-            try:
-                step = json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-            if step <= keep_until:
-                kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
-class _Logger:
-    """metrics.jsonl per SAE, and W&B when ``wandb_project`` is set (rank 0 only)."""
-
-    def __init__(self, cfg: TrainConfig, enabled: bool) -> None:
-        self.enabled, self.run = enabled, None
-        if enabled and cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError(
-                    "wandb_project is set but wandb is not installed: pip install wandb, "
-                    "or unset wandb_project"
-                ) from None
-            self.run = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=cfg.out)
-
-    def log(self, m: Member, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        _append_jsonl(m.out_dir / METRICS, record)
-        if "warning" in record:
-            tqdm.write(f"warning: {record['warning']}")
-        if self.run is not None:
-            prefix = f"{m.name}/" if m.name else ""
-            values = {prefix + k: v for k, v in record.items() if k != "warning"}
-            self.run.log(values, step=record["step"])
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-
-
 def _prepare_out(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Check the output folder against ``resume``; the checkpoint state to resume from, if any."""
     out = Path(cfg.out)
@@ -315,7 +179,7 @@ def _restore(state: dict[str, Any], members: list[Member]) -> None:
 
 
 def _checkpoint(
-    cfg: TrainConfig, members: list[Member], progress: dict[str, Any], source: Any
+    cfg: TrainConfig, members: list[Member], progress: dict[str, Any], source: BatchSource
 ) -> None:
     tensors = rng_tensors()
     meta = {}
@@ -337,7 +201,9 @@ def _checkpoint(
     write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
 
 
-def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> FidelityScorer | None:
+def _fidelity_scorer(
+    cfg: TrainConfig, source: BatchSource, device: torch.device
+) -> FidelityScorer | None:
     """The scorer of ``cfg.fidelity`` (None when unset), checked before the output is touched.
 
     A streaming run scores through its own backbone; a store run through ``model`` or the
@@ -350,8 +216,8 @@ def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> Fid
             cfg.fidelity,
             source.layer_index,
             model=cfg.model,
-            store=getattr(source, "store", None),
-            backbone=getattr(source, "backbone", None),
+            store=source.store,
+            backbone=source.backbone,
             device=device,
         )
     except FidelityError as err:
@@ -361,10 +227,10 @@ def _fidelity_scorer(cfg: TrainConfig, source: Any, device: torch.device) -> Fid
 def _evaluate(
     cfg: TrainConfig,
     members: list[Member],
-    source: Any,
+    source: BatchSource,
     fidelity: FidelityScorer | None,
     progress: dict,
-    log: _Logger,
+    log: Logger,
 ) -> None:
     """Score every SAE on the held-out images (read once, shared) and, with ``fidelity``, on
     the labelled images; rank 0 only (nothing here is a collective)."""
@@ -456,10 +322,10 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
     if d.is_main:
         for m in members:
             m.out_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
+            truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
         if not (out / TRAIN_CONFIG).is_file():
             write_json(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
-    log = _Logger(cfg, d.is_main)
+    log = Logger(cfg, d.is_main)
     if state is None:
         progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
     else:
@@ -486,7 +352,7 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             waited += time.perf_counter() - start
             x = x_global[d.slice(x_global.shape[0])].to(d.device, non_blocking=True)
             step = progress["step"]
-            records = [_step(cfg, m, x, step, d) for m in members]
+            records = [train_step(cfg, m, x, step, d) for m in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
             progress["step"] = step + 1
             progress["tokens"] += n_tokens
@@ -531,7 +397,6 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
     if d.is_main:
         for m in members:
             save(m.sae, m.out_dir, extra={k: progress[k] for k in ("step", "images", "tokens")})
-        bad_records = getattr(source, "bad", [])
-        if bad_records:
-            write_bad_report(bad_records, out / "bad_images.json")
+        if source.bad:
+            write_bad_report(list(source.bad), out / "bad_images.json")
     return out

@@ -1,0 +1,1 @@
+"""SAE checkpoint formats, one module each, behind ``patchsae.sae.io.load`` / ``save``."""
