@@ -193,6 +193,40 @@ def check_writable_file(
         raise error_cls(f"{name} {path}: {parent} is not writable: choose another path")
 
 
+_ABSENT = object()
+
+
+def flatten(data: dict[str, Any], leaves: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """``data`` with nested dicts spelled as dotted keys; empty dicts and the dotted keys in
+    ``leaves`` stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in leaves:
+            out.update(flatten(value, leaves, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def differing_keys(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    *,
+    leaves: tuple[str, ...] = (),
+    ignore: tuple[str, ...] = (),
+    absent: Any = _ABSENT,
+) -> list[str]:
+    """Sorted dotted keys whose values differ between two nested dicts (see ``flatten``).
+
+    A key missing on one side reads as ``absent``: by default it differs from every value; with
+    ``absent=None`` a missing key equals an explicit null. Keys in ``ignore`` are left out.
+    """
+    fa, fb = flatten(a, leaves), flatten(b, leaves)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if k not in ignore and fa.get(k, absent) != fb.get(k, absent)]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
