@@ -128,6 +128,8 @@ def test_every_statistic_matches_brute_force(tmp_path: Path) -> None:
     ranked = ds.class_rankings()
     counts = want["class_counts"][1]
     assert ranked[1].tolist() == np.lexsort((np.arange(M), -counts)).tolist()
+    everywhere = want["dataset_counts"]
+    assert ds.dataset_ranking().tolist() == np.lexsort((np.arange(M), -everywhere)).tolist()
 
 
 def _class_means(acts: np.ndarray, labels: np.ndarray, sae_dir: Path) -> list[np.ndarray]:

@@ -239,6 +239,11 @@ class AtlasDataset:
         ids = np.broadcast_to(np.arange(values.shape[1]), values.shape)
         return np.lexsort((ids, -values), axis=-1).astype(np.int64)
 
+    def dataset_ranking(self) -> np.ndarray:
+        """(d_sae,) int64: latent ids by dataset-level counts, largest first (ties: lower id)."""
+        counts = np.asarray(self.array("dataset_counts"), dtype=np.float64)
+        return np.lexsort((np.arange(len(counts)), -counts)).astype(np.int64)
+
     def low_entropy(self, max_entropy: float = 0.0, min_refs: int = 2) -> list[int]:
         """Latents whose references are dominated by one class: defined label entropy <=
         ``max_entropy`` over at least ``min_refs`` references, lowest entropy first."""
