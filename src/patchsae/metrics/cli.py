@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from patchsae.atomic import json_ready, write_json
-from patchsae.config import check_writable_file
 from patchsae.data.images import DataConfig
 from patchsae.metrics.evaluate import EvaluateError, evaluate, format_table
 from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityConfig
+from patchsae.paths import check_writable_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
