@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "patchsae.explore.cli",
     "patchsae.quickstart",
     "patchsae.adapt.cli",
+    "patchsae.classify.cli",
 )
 
 

@@ -205,8 +205,12 @@ class Backbone:
                 f"acts_btd must be (batch, tokens, {self.d_model}), got {tuple(acts_btd.shape)}"
             )
         acts_btd = acts_btd.to(device=self.device, dtype=self.dtype)
-        for block in self._parts.blocks[start:]:
+        blocks = self._parts.blocks[start:]
+        for block in blocks[: len(blocks) - 1]:
             acts_btd = block(acts_btd, None)
+        if len(blocks):
+            cls_row = self._parts.cls_block(blocks[-1], acts_btd)
+            acts_btd = blocks[-1](acts_btd, None) if cls_row is None else cls_row
         return self._parts.head(acts_btd)
 
     def _require_clip(self, what: str) -> None:

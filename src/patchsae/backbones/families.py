@@ -12,7 +12,9 @@ Each family exposes the three pieces a stop-at-block forward needs:
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .errors import BackboneError
 
@@ -60,6 +62,12 @@ class Parts:
     def head(self, acts_btd: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def cls_block(self, block: nn.Module, acts_btd: Tensor) -> Tensor | None:
+        """The CLS row (B, 1, d) of ``block(acts_btd, None)`` when the family computes it alone
+        (the head reads only CLS, so the last block needs no other query and no other MLP row);
+        None where it does not."""
+        return None
+
 
 class ClipParts(Parts):
     """``CLIPModel``: head = L2-normalised ``visual_projection(post_layernorm(CLS))``."""
@@ -81,6 +89,23 @@ class ClipParts(Parts):
         return l2_normalize(
             self.model.visual_projection(self.vision.post_layernorm(acts_btd[:, 0]))
         )
+
+    def cls_block(self, block: nn.Module, acts_btd: Tensor) -> Tensor | None:
+        """A ``CLIPEncoderLayer`` for the CLS query only: keys and values of every token, the
+        query, attention output and MLP of CLS (about 1/6 of the block's FLOPs)."""
+        if not isinstance(block, CLIPEncoderLayer):
+            return None
+        attn = block.self_attn
+        h = block.layer_norm1(acts_btd)
+        b = h.shape[0]
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(b, x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+        q, k, v = heads(attn.q_proj(h[:, :1])), heads(attn.k_proj(h)), heads(attn.v_proj(h))
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        x = acts_btd[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
+        return x + block.mlp(block.layer_norm2(x))
 
 
 class Dinov2Parts(Parts):

@@ -13,16 +13,22 @@ order (``patchsae evaluate`` and the trainer's evaluations both use it).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from patchsae.atomic import write_with
 from patchsae.backbones import load_backbone
 from patchsae.config import ConfigError
 from patchsae.data.images import BadRecord, DataConfig, image_batches, open_images, shuffled_order
@@ -33,6 +39,90 @@ if TYPE_CHECKING:
     from patchsae.sae import SAE
 
 DEFAULT_TEMPLATES = ("a photo of a {name}.",)
+# The 80 prompt templates of CLIP's ImageNet zero-shot evaluation (Radford et al. 2021), in the
+# order of its notebook; PatchSAE's classification averages the text embeddings over all of them.
+CLIP_IMAGENET_TEMPLATES = (
+    "a bad photo of a {name}.",
+    "a photo of many {name}.",
+    "a sculpture of a {name}.",
+    "a photo of the hard to see {name}.",
+    "a low resolution photo of the {name}.",
+    "a rendering of a {name}.",
+    "graffiti of a {name}.",
+    "a bad photo of the {name}.",
+    "a cropped photo of the {name}.",
+    "a tattoo of a {name}.",
+    "the embroidered {name}.",
+    "a photo of a hard to see {name}.",
+    "a bright photo of a {name}.",
+    "a photo of a clean {name}.",
+    "a photo of a dirty {name}.",
+    "a dark photo of the {name}.",
+    "a drawing of a {name}.",
+    "a photo of my {name}.",
+    "the plastic {name}.",
+    "a photo of the cool {name}.",
+    "a close-up photo of a {name}.",
+    "a black and white photo of the {name}.",
+    "a painting of the {name}.",
+    "a painting of a {name}.",
+    "a pixelated photo of the {name}.",
+    "a sculpture of the {name}.",
+    "a bright photo of the {name}.",
+    "a cropped photo of a {name}.",
+    "a plastic {name}.",
+    "a photo of the dirty {name}.",
+    "a jpeg corrupted photo of a {name}.",
+    "a blurry photo of the {name}.",
+    "a photo of the {name}.",
+    "a good photo of the {name}.",
+    "a rendering of the {name}.",
+    "a {name} in a video game.",
+    "a photo of one {name}.",
+    "a doodle of a {name}.",
+    "a close-up photo of the {name}.",
+    "a photo of a {name}.",
+    "the origami {name}.",
+    "the {name} in a video game.",
+    "a sketch of a {name}.",
+    "a doodle of the {name}.",
+    "a origami {name}.",
+    "a low resolution photo of a {name}.",
+    "the toy {name}.",
+    "a rendition of the {name}.",
+    "a photo of the clean {name}.",
+    "a photo of a large {name}.",
+    "a rendition of a {name}.",
+    "a photo of a nice {name}.",
+    "a photo of a weird {name}.",
+    "a blurry photo of a {name}.",
+    "a cartoon {name}.",
+    "art of a {name}.",
+    "a sketch of the {name}.",
+    "a embroidered {name}.",
+    "a pixelated photo of a {name}.",
+    "itap of the {name}.",
+    "a jpeg corrupted photo of the {name}.",
+    "a good photo of a {name}.",
+    "a plushie {name}.",
+    "a photo of the nice {name}.",
+    "a photo of the small {name}.",
+    "a photo of the weird {name}.",
+    "the cartoon {name}.",
+    "art of the {name}.",
+    "a drawing of the {name}.",
+    "a photo of the large {name}.",
+    "a black and white photo of a {name}.",
+    "the plushie {name}.",
+    "a dark photo of a {name}.",
+    "itap of a {name}.",
+    "graffiti of the {name}.",
+    "a toy {name}.",
+    "itap of my {name}.",
+    "a photo of a cool {name}.",
+    "a photo of a small {name}.",
+    "a tattoo of the {name}.",
+)
 TEXT_CHUNK = 256
 VARIANTS = ("original", "spliced", "zero")
 
@@ -65,12 +155,49 @@ def build_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[
     ]
 
 
+def text_cache_key(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]) -> str:
+    """BLAKE2b key of a zero-shot classifier: the backbone's identity (name, revision, folder
+    hash, adapter hash where there is one), its tokenizer's name, a hash of its text projection
+    weights (models built in code have no folder hash), the class names and the templates."""
+    projection = backbone.model.text_projection.weight.detach().float().cpu().contiguous()
+    description = {
+        "backbone": backbone.identity(),
+        "tokenizer": getattr(backbone.tokenizer, "name_or_path", None),
+        "text_projection": hashlib.blake2b(projection.numpy().tobytes()).hexdigest(),
+        "class_names": list(class_names),
+        "templates": list(templates),
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+
+
 @torch.no_grad()
 def zero_shot_classifier(
-    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+    backbone: Backbone,
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    cache_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """(n_classes, proj_dim) text embeddings: template embeddings averaged per class, renormed."""
+    """(n_classes, proj_dim) text embeddings: template embeddings averaged per class, renormed.
+
+    cache_dir: a folder of ``<text_cache_key>.safetensors`` files; the embeddings are read from
+    it when present (float32, on the backbone's device) and written to it (atomically) when not.
+    Another model, tokenizer, class list or template list gives another key.
+    """
     prompts = build_prompts(class_names, templates)
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{text_cache_key(backbone, class_names, templates)}.safetensors"
+        if path.is_file():
+            try:
+                cached = safetensors.torch.load_file(str(path)).get("text")
+            except (OSError, safetensors.SafetensorError):
+                cached = None
+            if cached is not None and cached.ndim == 2 and cached.shape[0] == len(class_names):
+                return cached.float().to(backbone.device)
+        text = zero_shot_classifier(backbone, class_names, templates)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_with(path, lambda tmp: safetensors.torch.save_file({"text": text.cpu()}, str(tmp)))
+        return text
     chunks = [
         backbone.encode_text(prompts[i : i + TEXT_CHUNK])
         for i in range(0, len(prompts), TEXT_CHUNK)
@@ -205,7 +332,8 @@ class FidelityConfig:
 
     ``data``: labelled images (class names from the class folders or ``class_names_file``);
     ``limit``: score that many of them, drawn with ``seed`` (None: all); ``templates``: prompt
-    templates with ``{name}``; ``tokenizer``: a tokenizer folder (None: the model's own).
+    templates with ``{name}``; ``tokenizer``: a tokenizer folder (None: the model's own);
+    ``text_cache``: a folder caching the text embeddings (see ``zero_shot_classifier``).
     """
 
     data: DataConfig
@@ -215,6 +343,7 @@ class FidelityConfig:
     num_workers: int = 0
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     tokenizer: str | None = None
+    text_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -305,7 +434,7 @@ class FidelityScorer:
         """(n_classes, proj_dim) zero-shot text embeddings (computed at the first use)."""
         if self._text is None:
             self._text = zero_shot_classifier(
-                self.backbone, self.images.class_names, self.cfg.templates
+                self.backbone, self.images.class_names, self.cfg.templates, self.cfg.text_cache
             )
         return self._text
 
