@@ -90,7 +90,9 @@ def test_image_batches_from_i_equal_the_tail_from_0(
     store, seed, batch_size, start_batch, epochs
 ) -> None:
     kw = {"shuffle_seed": seed, "epochs": epochs}
-    full = list(itertools.islice(image_batches_from_store(store, batch_size, **kw), 30))
+    full = list(
+        itertools.islice(image_batches_from_store(store, batch_size, **kw), start_batch + 30)
+    )
     tail = list(
         itertools.islice(
             image_batches_from_store(store, batch_size, start_batch=start_batch, **kw), 30
