@@ -6,13 +6,8 @@ from typing import Any, Literal
 
 import pytest
 
-from patchsae.config import (
-    ConfigError,
-    check_local_folder,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from patchsae.config import ConfigError, from_dict, load_config, to_dict
+from patchsae.paths import check_local_folder
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,10 @@ def test_upload_click_switch_and_toggle(page, explorer, tmp_path):
     # toggle masks off: the references switch to plain thumbnails
     page.uncheck("#masks-toggle")
     page.wait_for_function(
-        "[...document.querySelectorAll('#refs img.ref')].every(e => !e.src.includes('mask='))"
+        "[...document.querySelectorAll('#refs img.ref')]"
+        ".every(e => !e.src.includes('mask=') && e.complete && e.naturalWidth > 0)"
     )
-    assert loaded(page, "#refs img.ref") or page.locator("#refs img.ref").count() == 0
+    assert loaded(page, "#refs img.ref")
     # switch latent: the panel follows
     second = expected[1]["latent"]
     page.click(f"#patch-top li[data-latent='{second}']")

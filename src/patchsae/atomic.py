@@ -82,6 +82,15 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of folder ``path`` (files created, renamed or removed) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_file(path, "w") as f:

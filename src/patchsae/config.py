@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from pathlib import Path
@@ -145,52 +144,38 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"invalid {cls.__name__}: {err}") from None
 
 
-def resolve_local(path_or_name: str | None) -> str | None:
-    """A local file or folder as its resolved absolute path; other names (hub ids) unchanged.
+_ABSENT = object()
 
-    Outputs record paths this way, so the same folder named differently (``DIR/``, a relative
-    path from another directory) is recognised as the same input.
+
+def flatten(data: dict[str, Any], leaves: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """``data`` with nested dicts spelled as dotted keys; empty dicts and the dotted keys in
+    ``leaves`` stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in leaves:
+            out.update(flatten(value, leaves, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def differing_keys(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    *,
+    leaves: tuple[str, ...] = (),
+    ignore: tuple[str, ...] = (),
+    absent: Any = _ABSENT,
+) -> list[str]:
+    """Sorted dotted keys whose values differ between two nested dicts (see ``flatten``).
+
+    A key missing on one side reads as ``absent``: by default it differs from every value; with
+    ``absent=None`` a missing key equals an explicit null. Keys in ``ignore`` are left out.
     """
-    if path_or_name is None:
-        return None
-    path = Path(path_or_name).expanduser()
-    return str(path.resolve()) if path.exists() else path_or_name
-
-
-def check_local_folder(
-    source: str, error_cls: type[ValueError], *, kind: str = "folder", fix: str
-) -> Path | None:
-    """``source`` as a ``~``-expanded path when it is an existing folder, None for other names.
-
-    A ``source`` that is an existing file raises ``error_cls`` ("X is a file, not a ``kind``:
-    ``fix``"); one that starts with ``/``, ``.`` or ``~`` names a local path, so when nothing is
-    there it raises ``error_cls`` too ("folder X does not exist") instead of passing as a name.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise error_cls(f"{source} is a file, not a {kind}: {fix}")
-    if source.startswith(("/", ".", "~")):
-        raise error_cls(f"folder {source} does not exist: check the path")
-    return None
-
-
-def check_writable_file(
-    path: str | os.PathLike, error_cls: type[ValueError], name: str = "output"
-) -> None:
-    """Refuse, before any work, an output file ``path`` that cannot be written: a folder, or a
-    path under a file or a missing folder that cannot be created."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise error_cls(f"{name} {path} is a folder: pass a file path, e.g. {target / 'out.json'}")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise error_cls(f"{name} {path} lies under {parent}, which is a file: choose another path")
-    if not os.access(parent, os.W_OK):
-        raise error_cls(f"{name} {path}: {parent} is not writable: choose another path")
+    fa, fb = flatten(a, leaves), flatten(b, leaves)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if k not in ignore and fa.get(k, absent) != fb.get(k, absent)]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

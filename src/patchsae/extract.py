@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from patchsae.backbones import Backbone, load_backbone
-from patchsae.config import ConfigError, load_config, resolve_local, to_dict
+from patchsae.config import ConfigError, load_config, to_dict
 from patchsae.data.images import (
     BadRecord,
     DataConfig,
@@ -34,6 +34,7 @@ from patchsae.data.images import (
     shuffled_order,
 )
 from patchsae.data.store import BAD_IMAGES, FORMAT_VERSION, StoreMetadata, StoreWriter, to_storage
+from patchsae.paths import resolve_local
 
 
 @dataclass(frozen=True)

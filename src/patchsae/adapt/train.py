@@ -42,12 +42,13 @@ from tqdm import tqdm
 from patchsae.atomic import write_json, write_with
 from patchsae.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from patchsae.backbones.loading import ADAPTER_JSON
-from patchsae.config import ConfigError, resolve_local, to_dict
+from patchsae.config import ConfigError, to_dict
 from patchsae.data.images import BadImage, DataConfig, image_batches, open_images
 from patchsae.data.shuffle import keyed_rng, seeded_order
 from patchsae.data.store import differing_keys
 from patchsae.lock import LOCK, FolderLock
 from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, build_prompts, zero_shot_classifier
+from patchsae.paths import resolve_local
 from patchsae.pixels import to_rgb
 
 from .augment import augment

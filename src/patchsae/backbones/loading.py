@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from patchsae.config import check_local_folder
+from patchsae.paths import check_local_folder
 
 from .core import Backbone
 from .errors import BackboneError

@@ -22,10 +22,11 @@ from patchsae.classify.masking import random_latents, top_latents
 from patchsae.classify.outputs import write_outputs
 from patchsae.classify.splice import clip_head, condition_logits
 from patchsae.classify.tally import Tally
-from patchsae.config import resolve_local, to_dict
+from patchsae.config import to_dict
 from patchsae.data.images import image_batches, open_images, shuffled_order
 from patchsae.lock import FolderLock
 from patchsae.metrics.fidelity import zero_shot_classifier
+from patchsae.paths import resolve_local
 
 FORMAT, FORMAT_VERSION = "patchsae-classify", 1
 RUN_JSON, STATE_JSON = "run.json", "state.json"

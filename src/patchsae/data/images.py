@@ -25,8 +25,8 @@ from PIL import Image, ImageOps
 
 from patchsae.atomic import write_json
 from patchsae.backbones.errors import BackboneError
-from patchsae.config import check_local_folder
 from patchsae.data.shuffle import seeded_order
+from patchsae.paths import check_local_folder
 from patchsae.pixels import BadImage, to_rgb
 
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchsae.atomic import TMP_SUFFIX, atomic_file, write_json
+from patchsae.atomic import TMP_SUFFIX, atomic_file, fsync_dir, write_json
 from patchsae.backbones import TokenLayout
 from patchsae.checksum import file_checksum, file_problem
+from patchsae.config import differing_keys, flatten
 from patchsae.data.images import LEGACY_DATA_DEFAULTS, BadRecord, write_bad_report
 from patchsae.lock import LOCK, FolderLock
 
@@ -90,22 +91,6 @@ def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (missing counts as differing)."""
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k, ...) != fb.get(k, ...))
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -343,11 +328,14 @@ class ShardWriter:
                 "bytes": path.stat().st_size,
                 "checksum": file_checksum(path),
             }
+        for layer in self.arrays:  # the renamed shard files stay after a power cut
+            fsync_dir(shard_path(self.root, layer, self.index).parent)
         self.arrays = {}
         entry = {**entry, "shard": self.index, "n_images": self.n_rows, "files": files}
         path = entry_path(self.root, self.index)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, entry, indent=1)
+        fsync_dir(path.parent)
         return entry
 
 
@@ -402,7 +390,7 @@ class StoreWriter:
             # written before these options existed: resumed as it was made (see data_option)
             self.plan, diff = previous, []
         if diff and set(diff) <= set(NAME_KEYS):
-            flat = _flatten(previous)
+            flat = flatten(previous)
             was = ", ".join(f"{k}={flat.get(k)!r}" for k in diff)
             raise StoreError(
                 f"{self.root} holds a store of the same model and images under other paths or "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from patchsae.config import check_writable_file
+from patchsae.atomic import json_ready, write_json
 from patchsae.data.images import DataConfig
-from patchsae.metrics.evaluate import EvaluateError, evaluate, format_table, write_json
+from patchsae.metrics.evaluate import EvaluateError, evaluate, format_table
 from patchsae.metrics.fidelity import DEFAULT_TEMPLATES, FidelityConfig
+from patchsae.paths import check_writable_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if args.out is not None:
-        write_json(result, args.out)
+        write_json(args.out, json_ready(result))
         print(f"\nwrote {args.out}")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from patchsae import atomic
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore
 from patchsae.metrics.fidelity import FidelityConfig, FidelityScorer
@@ -76,11 +75,6 @@ def evaluate(
     if scorer is not None:
         result["fidelity"] = scorer(sae, progress=progress)
     return result
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write ``result`` to ``path`` atomically (temporary file, then rename); NaN becomes null."""
-    atomic.write_json(path, atomic.json_ready(result))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -113,10 +113,4 @@ class SAE(nn.Module):
             recipe.remove_parallel_component_(self.W_dec.grad, self.W_dec.data)
 
     def _check_dead_mask(self, dead_mask: Tensor | None) -> None:
-        if dead_mask is not None and (
-            dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (self.cfg.d_sae,)
-        ):
-            raise ValueError(
-                f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), got "
-                f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
-            )
+        recipe.check_dead_mask(dead_mask, self.cfg.d_sae)

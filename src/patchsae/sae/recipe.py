@@ -149,6 +149,18 @@ def dead_ghost_terms(
     )
 
 
+def check_dead_mask(dead_mask: Tensor | None, d_sae: int) -> None:
+    """ValueError unless ``dead_mask`` is None or a bool tensor of shape (d_sae,)."""
+    if dead_mask is not None and (
+        dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (d_sae,)
+    ):
+        raise ValueError(
+            f"dead_mask must be a bool tensor of shape ({d_sae},), got "
+            f"{dead_mask.dtype} {tuple(dead_mask.shape)}; build it with "
+            "patchsae.train.step.dead_latents()"
+        )
+
+
 def _check_inputs(
     x: Tensor,
     hidden_pre: Tensor,
@@ -174,13 +186,7 @@ def _check_inputs(
     for name, tensor in (("hidden_pre", hidden_pre), ("codes", codes)):
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
-    if dead_mask is not None and (
-        dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (W_dec.shape[0],)
-    ):
-        raise ValueError(
-            f"dead_mask must be a bool tensor of shape ({W_dec.shape[0]},), got "
-            f"{dead_mask.dtype} {tuple(dead_mask.shape)}; build it with dead_latents()"
-        )
+    check_dead_mask(dead_mask, W_dec.shape[0])
     if mse_normalization not in MSE_NORMALIZATIONS:
         raise ValueError(
             f"mse_normalization {mse_normalization!r} is not one of {MSE_NORMALIZATIONS}"

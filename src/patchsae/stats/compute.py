@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from patchsae.atomic import atomic_file, write_json, write_with
 from patchsae.backbones import Backbone, TokenLayout, load_backbone
-from patchsae.config import ConfigError, resolve_local, to_dict
+from patchsae.config import ConfigError, to_dict
 from patchsae.data import (
     ActivationStore,
     DataConfig,
@@ -38,6 +38,7 @@ from patchsae.data import (
 from patchsae.data.images import BadImage
 from patchsae.data.store import atomic_save_npy, differing_keys
 from patchsae.lock import LOCK, FolderLock
+from patchsae.paths import resolve_local
 from patchsae.sae import SAE, load
 from patchsae.stats.accumulate import Aggregate, LatentAccumulator, StatsError
 from patchsae.stats.atlas import (

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from patchsae.atomic import write_json, write_with
+from patchsae.atomic import fsync_dir, write_json, write_with
 from patchsae.checksum import file_checksum, file_problem
 from patchsae.sae.formats.ours import load_ours
 from patchsae.sae.io import save
@@ -124,15 +124,6 @@ def write_checkpoint(
     if old.exists():
         shutil.rmtree(old)
     return current
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of folder ``path`` (files created, renamed or removed) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def find_checkpoint(out: Path) -> Path | None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from patchsae.config import ConfigError, from_dict, to_dict
+from patchsae.config import ConfigError, differing_keys, from_dict, to_dict
 from patchsae.data.images import LEGACY_DATA_DEFAULTS, DataConfig
 from patchsae.metrics.fidelity import FidelityConfig
 from patchsae.sae.config import SAEConfig
@@ -133,20 +133,9 @@ RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every", "prefetch_batch
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict`` configs (ignoring RESUMABLE_KEYS)."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "sweep":
-                items.update(flat(v, f"{prefix}{k}."))
-            else:
-                items[prefix + k] = v
-        return items
-
-    a, b = flat(saved), flat(current)
+    """Dotted keys whose values differ between two ``to_dict`` configs (ignoring RESUMABLE_KEYS);
+    ``sweep`` compares whole, and a data option the saved run predates reads as its legacy
+    default."""
     if isinstance(saved.get("data"), dict):
-        for key, value in LEGACY_DATA_DEFAULTS.items():
-            a.setdefault(f"data.{key}", value)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+        saved = {**saved, "data": {**LEGACY_DATA_DEFAULTS, **saved["data"]}}
+    return differing_keys(saved, current, leaves=("sweep",), ignore=RESUMABLE_KEYS, absent=None)

@@ -56,14 +56,14 @@ class Logger:
                 ) from None
             self.run = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=cfg.out)
 
-    def log(self, m: Member, record: dict[str, Any]) -> None:
+    def log(self, member: Member, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        append_jsonl(m.out_dir / METRICS, record)
+        append_jsonl(member.out_dir / METRICS, record)
         if "warning" in record:
             tqdm.write(f"warning: {record['warning']}")
         if self.run is not None:
-            prefix = f"{m.name}/" if m.name else ""
+            prefix = f"{member.name}/" if member.name else ""
             values = {prefix + k: v for k, v in record.items() if k != "warning"}
             self.run.log(values, step=record["step"])
 

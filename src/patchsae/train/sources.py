@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from patchsae.backbones import Backbone, TokenLayout, load_backbone
-from patchsae.config import resolve_local
 from patchsae.data.images import BadRecord, image_batches, open_images
 from patchsae.data.loaders import image_batches_from_store, token_batches
 from patchsae.data.rebatch import rebatch
 from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore
+from patchsae.paths import resolve_local
 from patchsae.train.config import TrainConfig
 
 

@@ -81,7 +81,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(
-    cfg: TrainConfig, m: Member, x: torch.Tensor, step: int, d: ddp.Dist
+    cfg: TrainConfig, member: Member, x: torch.Tensor, step: int, dist: ddp.Dist
 ) -> dict[str, float]:
     """One training step of one SAE on this rank's slice ``x``; returns its log values.
 
@@ -89,11 +89,11 @@ def train_step(
     (one all-reduce, one host sync). NaN/Inf activations make the loss non-finite, which stops
     the run here, before any update.
     """
-    sae = m.sae
+    sae = member.sae
     sae.train()
-    m.opt.zero_grad(set_to_none=True)
+    member.opt.zero_grad(set_to_none=True)
     sae.normalize_decoder_()
-    dead = dead_latents(m.counters, cfg.dead_feature_window)
+    dead = dead_latents(member.counters, cfg.dead_feature_window)
     out = sae.loss(x.to(sae.dtype), dead_mask=dead)
     names = sorted(out.terms)
     fire_local = out.fire_counts.detach().to(torch.int64)
@@ -105,8 +105,8 @@ def train_step(
             dead.sum().double(),
         ]
     )
-    *losses, fire_total, n_dead = ddp.all_reduce_sum_(packed, d).tolist()
-    losses = [v / d.world_size for v in losses]
+    *losses, fire_total, n_dead = ddp.all_reduce_sum_(packed, dist).tolist()
+    losses = [v / dist.world_size for v in losses]
     if not all(math.isfinite(v) for v in losses):
         if not torch.isfinite(x).all():
             raise TrainingError(
@@ -115,22 +115,22 @@ def train_step(
             )
         values = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total", *names], losses, strict=True))
         raise TrainingError(
-            f"non-finite loss at step {step}{m.label}: {values}. The run stopped; the last "
+            f"non-finite loss at step {step}{member.label}: {values}. The run stopped; the last "
             "checkpoint is intact. Lower lr or check the activations, then --resume"
         )
-    fire = ddp.all_reduce_sum_(fire_local.clone(), d)
-    update_dead_counters(m.counters, fire)
-    n_tokens = x.numel() // x.shape[-1] * d.world_size
-    m.firing.update(fire, n_tokens)
+    fire = ddp.all_reduce_sum_(fire_local.clone(), dist)
+    update_dead_counters(member.counters, fire)
+    n_tokens = x.numel() // x.shape[-1] * dist.world_size
+    member.firing.update(fire, n_tokens)
     out.total.backward()
-    ddp.average_gradients_(sae, d)
+    ddp.average_gradients_(sae, dist)
     sae.remove_parallel_grad_()
     lr = lr_at(cfg, step)
-    for group in m.opt.param_groups:
+    for group in member.opt.param_groups:
         group["lr"] = lr
-    m.opt.step()
+    member.opt.step()
     record = {"lr": lr, "loss": losses[0]}
     record.update(zip(names, losses[1:], strict=True))
     record["l0"] = fire_total / n_tokens
-    record["n_dead_mask"] = round(n_dead / d.world_size)
+    record["n_dead_mask"] = round(n_dead / dist.world_size)
     return record
