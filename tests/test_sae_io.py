@@ -793,3 +793,25 @@ def test_load_ours_reads_only_our_folder(tmp_path):
     assert load(original).cfg.d_sae == 64
     with pytest.raises(CheckpointError, match="is not a patchsae-sae checkpoint"):
         load_ours(original.parent)
+
+
+def test_run_folder_and_its_checkpoint_load_the_latest_sae(tmp_path):
+    run = tmp_path / "run"
+    sae = random_sae("relu")
+    save(sae, run / "checkpoint" / "sae")
+    x = torch.randn(5, 8)
+    for where in (run, run / "checkpoint"):
+        for got, want in zip(outputs(load(where), x), outputs(sae, x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    final = random_sae("relu", seed=1)
+    save(final, run)
+    torch.testing.assert_close(outputs(load(run), x)[1], outputs(final, x)[1], rtol=0, atol=0)
+
+
+def test_a_sweep_checkpoint_names_its_saes_instead_of_guessing(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint"
+    save(random_sae("relu"), checkpoint / "sae-00")
+    save(random_sae("relu", seed=1), checkpoint / "sae-01")
+    with pytest.raises(CheckpointError, match=r"2 SAEs \(sae-00, sae-01\); pass one of them"):
+        load(tmp_path / "run")
+    load(checkpoint / "sae-01")

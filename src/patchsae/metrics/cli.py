@@ -20,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "last --images images of an activation store; with --data also zero-shot "
         "cross-entropy with the SAE spliced in (CLIP backbones).",
     )
-    p.add_argument("--sae", required=True, help="SAE checkpoint (folder or file)")
+    p.add_argument(
+        "--sae",
+        required=True,
+        help="SAE checkpoint (folder or file), or a training run folder (its final SAE, else its "
+        "latest checkpoint)",
+    )
     p.add_argument("--store", required=True, help="activation store folder")
     p.add_argument("--layer", type=int, default=None, help="store layer (default: its only one)")
     p.add_argument("--images", type=int, default=None, help="last N images (default: all)")

@@ -72,6 +72,27 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         ) from None
 
 
+def _sae_folder_of_run(path: Path) -> Path:
+    """The SAE folder a training run folder (``OUT``) or its ``OUT/checkpoint`` stands for.
+
+    A folder holding cfg.json is itself; a run folder without final weights stands for its latest
+    checkpoint; a checkpoint folder for its one SAE (``sae/``). A sweep's several SAEs
+    (``sae-00/``, ...) are refused, naming them, so that the choice is the user's.
+    """
+    if (path / CFG).is_file():
+        return path
+    checkpoint = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    saes = sorted(p for p in checkpoint.glob("sae*") if p.is_dir() and (p / CFG).is_file())
+    if len(saes) == 1:
+        return saes[0]
+    if len(saes) > 1:
+        names = ", ".join(p.name for p in saes)
+        raise CheckpointError(
+            f"{checkpoint} holds {len(saes)} SAEs ({names}); pass one of them, e.g. {saes[0]}"
+        )
+    return path
+
+
 def _load(path: Path, device: Any) -> SAE:
     if path.is_file():
         if path.name in (WEIGHTS, SAELENS_WEIGHTS, CFG):
@@ -80,6 +101,7 @@ def _load(path: Path, device: Any) -> SAE:
             return _load_original(path, device)
         else:
             raise CheckpointError(f"{path} is in an unknown format; expected {SUPPORTED}")
+    path = _sae_folder_of_run(path)
     cfg_path = path / CFG
     if not cfg_path.is_file():
         present = sorted(p.name for p in path.iterdir())
