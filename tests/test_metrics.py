@@ -474,6 +474,16 @@ def test_evaluate_matches_direct_computation(clip_store):
     assert direct["l0_patch"] > 0 and direct["fvu"] > 0
 
 
+def test_evaluate_progress_has_a_total(clip_store, capsys):
+    from patchsae.metrics import evaluate
+    from patchsae.sae.io import save
+
+    _, store_dir = clip_store
+    sae_dir = save(random_sae(64, 128, seed=7).to(torch.float32), store_dir.parent / "bar-sae")
+    evaluate(sae_dir, store_dir, images=7, batch_size=3, progress=True)
+    assert "3/3" in capsys.readouterr().err  # 7 images in batches of 3
+
+
 def test_evaluate_command_errors(clip_store, tmp_path, capsys):
     from patchsae.cli import main
     from patchsae.sae.io import save

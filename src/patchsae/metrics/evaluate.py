@@ -69,7 +69,12 @@ def evaluate(
         "layer": layer,
         "images": [start, len(store)],
         "reconstruction": reconstruction_metrics(
-            sae, batches, store.token_layout, device=device, progress=progress
+            sae,
+            batches,
+            store.token_layout,
+            device=device,
+            progress=progress,
+            n_batches=-(-(len(store) - start) // batch_size),
         ),
     }
     if scorer is not None:

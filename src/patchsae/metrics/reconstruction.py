@@ -72,11 +72,13 @@ def reconstruction_metrics(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    n_batches: int | None = None,
 ) -> dict[str, float]:
     """Reconstruction and sparsity metrics of ``sae`` over every token of ``batches``.
 
     batches: (B, T, D) activations (or (N, D) tokens when ``token_layout`` is None); the SAE is
-    moved to ``device`` and run in eval mode (its previous mode is restored).
+    moved to ``device`` and run in eval mode (its previous mode is restored). ``n_batches``, when
+    known, is the progress bar's total.
 
     Returns, over all tokens of the slice:
     - ``fvu``: sum ||x - x_hat||^2 / sum ||x - mean||^2, mean = per-dimension mean of the slice;
@@ -100,7 +102,9 @@ def reconstruction_metrics(
     nnz_t: torch.Tensor | None = None  # nonzero codes per token position (T,), or in total (1,)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf inputs, summed
     try:
-        for batch in tqdm(batches, desc="reconstruction", unit="batch", disable=not progress):
+        for batch in tqdm(
+            batches, desc="reconstruction", unit="batch", total=n_batches, disable=not progress
+        ):
             x = torch.as_tensor(batch)
             if token_layout is not None:
                 if x.ndim != 3 or x.shape[1] != token_layout.n_tokens:
