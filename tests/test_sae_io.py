@@ -49,7 +49,8 @@ ORIGINAL_MODULE = "src.sae_training.config"
 def random_sae(arch: str, d_in: int = 8, d_sae: int = 32, dtype: str = "float32", seed: int = 0):
     """A small SAE whose every tensor (buffers included) holds non-trivial values."""
     torch.manual_seed(seed)
-    sae = make_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, dtype=dtype, k=4, aux_k=8))
+    k_options = {"k": 4, "aux_k": 8} if arch in ("topk", "batchtopk") else {}
+    sae = make_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, dtype=dtype, **k_options))
     with torch.no_grad():
         for name, tensor in sae.state_dict().items():
             if name == "threshold":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from patchsae.config import ConfigError, from_dict
+from patchsae.sae import config as sae_config
 from patchsae.sae import kernels, recipe, registry
 from patchsae.sae.base import SAE
 from patchsae.sae.config import SAEConfig
@@ -18,7 +19,9 @@ ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 
 def small(arch: str, dtype: str = "float64", **kw) -> SAE:
     torch.manual_seed(0)
-    return make_sae(SAEConfig(arch=arch, d_in=8, d_sae=32, k=4, aux_k=6, dtype=dtype, **kw))
+    if arch in ("topk", "batchtopk"):
+        kw = {"k": 4, "aux_k": 6, **kw}
+    return make_sae(SAEConfig(arch=arch, d_in=8, d_sae=32, dtype=dtype, **kw))
 
 
 def dense_reference(sae: SAE, x: torch.Tensor, dead_mask: torch.Tensor | None):
@@ -79,11 +82,12 @@ def test_registry_and_config_errors():
         SAEConfig(d_in=4, d_sae=0)
     with pytest.raises(ConfigError, match="dtype"):
         from_dict(SAEConfig, {"d_in": 4, "d_sae": 8, "dtype": "int8"})
-    assert SAEConfig(arch="relu", d_in=4, d_sae=8).k == 64
+    assert type(SAEConfig(arch="relu", d_in=4, d_sae=8)).__name__ == "ReluConfig"
 
 
 def test_register_custom_arch(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(sae_config, "_CONFIGS", dict(sae_config._CONFIGS))
 
     @register_sae("relu_test_double")
     class Doubled(type(small("relu"))):
@@ -94,6 +98,7 @@ def test_register_custom_arch(monkeypatch):
     x = torch.randn(3, 4)
     assert torch.allclose(sae.encode(x), 2 * torch.relu(sae.pre_acts(x)))
     assert "relu_test_double" in available_archs()
+    assert type(sae.cfg).__name__ == "ReluConfig" and sae.cfg.arch == "relu_test_double"
 
 
 def test_bad_inputs_are_clear():
@@ -502,10 +507,11 @@ def test_bfloat16_training_step_follows_float64(arch, offset):
     The sparse weight gradients accumulate in bf16 inside embedding_bag, hence 25%: a wrong
     kernel is off by 100%.)"""
     torch.manual_seed(4)
-    ref = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, k=8, dtype="float64"))
+    kw = {"k": 8} if arch == "topk" else {}
+    ref = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, dtype="float64", **kw))
     with torch.no_grad():
         ref.b_enc.fill_(offset)
-    low = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, k=8, dtype="bfloat16"))
+    low = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=256, dtype="bfloat16", **kw))
     low.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
     ref.load_state_dict({k: v.double() for k, v in low.state_dict().items()})
     x = torch.randn(64, 16, dtype=torch.float64).to(torch.bfloat16).double()

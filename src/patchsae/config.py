@@ -119,7 +119,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build the dataclass ``cls`` from a plain dict, converting and validating every field."""
+    """Build the dataclass ``cls`` from a plain dict, converting and validating every field.
+
+    A class with a ``from_dict_select(data, prefix)`` classmethod picks the concrete class (and
+    the keys it takes) itself, as ``SAEConfig`` does by ``arch``.
+    """
+    pick = getattr(cls, "from_dict_select", None)
+    if pick is not None:
+        cls, data = pick(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

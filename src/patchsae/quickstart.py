@@ -159,13 +159,8 @@ def train_config(cfg: QuickstartConfig, store: Path, sae_dir: Path, n_images: in
     from patchsae.sae import SAEConfig
     from patchsae.train.config import TrainConfig
 
-    sae = SAEConfig(
-        arch=cfg.arch,
-        d_in=d_model,
-        d_sae=d_model * cfg.expansion,
-        k=cfg.k,
-        l1_coefficient=cfg.l1_coefficient,
-    )
+    options = {"k": cfg.k} if cfg.arch == "topk" else {"l1_coefficient": cfg.l1_coefficient}
+    sae = SAEConfig(arch=cfg.arch, d_in=d_model, d_sae=d_model * cfg.expansion, **options)
     return TrainConfig(
         store=str(store),
         out=str(sae_dir),

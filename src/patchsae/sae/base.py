@@ -31,10 +31,11 @@ class LossOutput:
 
 
 class SAE(nn.Module):
-    """Base sparse autoencoder; ``arch`` is set by ``register_sae``."""
+    """Base sparse autoencoder; ``arch`` is set by ``register_sae``, which also registers
+    ``config_class`` (the architecture's options) under the same name."""
 
     arch: str = ""
-    uses_k: bool = False
+    config_class: type[SAEConfig] = SAEConfig
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from patchsae.sae import kernels
 from patchsae.sae.base import SAE, LossOutput
+from patchsae.sae.config import JumpReLUConfig
 from patchsae.sae.registry import register_sae
 
 
@@ -74,7 +75,10 @@ def step(acts: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
 class JumpReLUSAE(SAE):
     """JumpReLU SAE; extra parameter ``log_threshold`` (d_sae,), registered after b_dec."""
 
-    def __init__(self, cfg):
+    config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         init = math.log(cfg.jumprelu_threshold_init)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init, dtype=self.dtype))

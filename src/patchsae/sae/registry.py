@@ -1,4 +1,9 @@
-"""SAE architectures by name: ``register_sae(name)(cls)``, ``make_sae(cfg)``."""
+"""SAE architectures by name: ``register_sae(name)(cls)``, ``make_sae(cfg)``.
+
+Each architecture registers its model class with its config class (``cls.config_class``, or
+``config=``); configs live in ``patchsae.sae.config`` and import no model, so the built-in
+models are imported only when one is built or listed.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from patchsae.config import ConfigError
+from patchsae.sae.config import SAEConfig, register_config
 
 if TYPE_CHECKING:
     from patchsae.sae.base import SAE
-    from patchsae.sae.config import SAEConfig
 
 _BUILTIN_MODULES = ("patchsae.sae.relu", "patchsae.sae.topk", "patchsae.sae.jumprelu")
 _REGISTRY: dict[str, type[SAE]] = {}
@@ -18,12 +23,14 @@ _REGISTRY: dict[str, type[SAE]] = {}
 S = TypeVar("S", bound="type[SAE]")
 
 
-def register_sae(name: str) -> Callable[[S], S]:
-    """Class decorator registering an SAE subclass under ``name``."""
+def register_sae(name: str, config: type[SAEConfig] | None = None) -> Callable[[S], S]:
+    """Class decorator registering an SAE subclass under ``name``, with its options
+    ``config`` (default: the class's ``config_class``, e.g. inherited from a built-in)."""
 
     def decorator(cls: S) -> S:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"SAE arch {name!r} is already registered by {_REGISTRY[name]}")
+        register_config(name, config or cls.config_class)
         _REGISTRY[name] = cls
         cls.arch = name
         return cls

@@ -11,12 +11,16 @@ from torch import Tensor
 
 from patchsae.sae import kernels, recipe
 from patchsae.sae.base import SAE, LossOutput
+from patchsae.sae.config import ReluConfig
 from patchsae.sae.registry import register_sae
 
 
 @register_sae("relu")
 class ReluSAE(SAE):
     """ReLU SAE with untied weights (PatchSAE)."""
+
+    config_class = ReluConfig
+    cfg: ReluConfig
 
     def encode(self, x: Tensor) -> Tensor:
         """codes (..., d_sae) = ReLU(pre_acts(x))."""

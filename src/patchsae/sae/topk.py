@@ -14,6 +14,7 @@ from torch import Tensor
 
 from patchsae.sae import kernels
 from patchsae.sae.base import SAE, LossOutput
+from patchsae.sae.config import BatchTopKConfig, TopKConfig
 from patchsae.sae.registry import register_sae
 
 
@@ -48,7 +49,8 @@ def auxk_loss(pre_dead: Tensor, W_dec_dead: Tensor, residual_nd: Tensor, aux_k: 
 class _KSparseSAE(SAE):
     """Shared training loss of the k-sparse architectures."""
 
-    uses_k = True
+    config_class = TopKConfig
+    cfg: TopKConfig
 
     def _train_codes(self, x_nd: Tensor, dead_idx: Tensor) -> tuple[Tensor, ...]:
         """Training-time forward of x_nd (n, d): x_hat (n, d), pre_dead (n, n_dead), W_dec_dead
@@ -102,7 +104,10 @@ class BatchTopKSAE(_KSparseSAE):
     a single process.
     """
 
-    def __init__(self, cfg):
+    config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=self.dtype))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))

@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from patchsae.config import ConfigError, differing_keys, from_dict, to_dict
+from patchsae.config import ConfigError, differing_keys
 from patchsae.data.images import LEGACY_DATA_DEFAULTS, DataConfig
 from patchsae.metrics.fidelity import FidelityConfig
-from patchsae.sae.config import SAEConfig
+from patchsae.sae.config import SAEConfig, merged, own_options
 from patchsae.sae.geometric_median import InitMethod
 
 
@@ -115,11 +115,7 @@ class TrainConfig:
         """The SAE configs to train: ``sae`` alone, or ``sae`` merged with each sweep entry."""
         if not self.sweep:
             return [self.sae]
-        base = to_dict(self.sae)
-        return [
-            from_dict(SAEConfig, {**base, **entry}, prefix=f"sweep[{i}].")
-            for i, entry in enumerate(self.sweep)
-        ]
+        return [merged(self.sae, entry, f"sweep[{i}].") for i, entry in enumerate(self.sweep)]
 
     def member_names(self) -> list[str]:
         """Output subfolder of each SAE: ``""`` (the run folder) alone, ``sae-00``... in a sweep."""
@@ -135,7 +131,10 @@ RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every", "prefetch_batch
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two ``to_dict`` configs (ignoring RESUMABLE_KEYS);
     ``sweep`` compares whole, and a data option the saved run predates reads as its legacy
-    default."""
+    default; the saved ``sae`` drops the options of other architectures (runs saved before
+    configs were per architecture carry them all)."""
+    if isinstance(saved.get("sae"), dict):
+        saved = {**saved, "sae": own_options(saved["sae"])}
     if isinstance(saved.get("data"), dict):
         saved = {**saved, "data": {**LEGACY_DATA_DEFAULTS, **saved["data"]}}
     return differing_keys(saved, current, leaves=("sweep",), ignore=RESUMABLE_KEYS, absent=None)

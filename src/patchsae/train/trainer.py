@@ -99,7 +99,8 @@ def _check_compatible(cfg: TrainConfig, source: BatchSource, world_size: int) ->
                 f"set sae.d_in={source.d_model}"
             )
         cls_first = cfg.tokens == "all" and source.layout.cls_index == 0
-        if sae_cfg.mse_cls_coefficient != 1.0 and not (cfg.batch_mode == "images" and cls_first):
+        cls_weight = getattr(sae_cfg, "mse_cls_coefficient", 1.0)  # a relu option
+        if cls_weight != 1.0 and not (cfg.batch_mode == "images" and cls_first):
             raise ConfigError(
                 f"{where}.mse_cls_coefficient weights token 0 as CLS, which needs "
                 "batch_mode=images, tokens=all and a backbone with CLS at index 0; set it to 1.0"

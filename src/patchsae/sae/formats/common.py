@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from patchsae.config import ConfigError, from_dict
+from patchsae.config import ConfigError
 from patchsae.sae.base import SAE
-from patchsae.sae.config import SAEConfig
+from patchsae.sae.config import SAEConfig, from_saved
 from patchsae.sae.registry import make_sae
 
 
@@ -73,8 +73,10 @@ def _check_tensors(
 
 
 def _make_config(fields: dict[str, Any], source: str) -> SAEConfig:
+    """The config of a saved file; options of other architectures (which files saved before
+    configs were per architecture carry) are dropped."""
     try:
-        return from_dict(SAEConfig, fields)
+        return from_saved(fields)
     except ConfigError as err:
         raise CheckpointError(f"{source}: invalid SAE config: {err}") from None
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from patchsae.sae.base import SAE
-from patchsae.sae.config import SAEConfig
+from patchsae.sae.config import ReluConfig
 from patchsae.sae.formats.common import CheckpointError, _build, _make_config, _short
 from patchsae.sae.unpickle import PickleRefused, Placeholder, read_pickled_checkpoint
 
@@ -50,7 +50,7 @@ def _load_original(path: Path, device: Any) -> SAE:
     return _build(cfg, state, str(path), device)
 
 
-def _config_from_original(fields: dict[str, Any], source: str) -> SAEConfig:
+def _config_from_original(fields: dict[str, Any], source: str) -> ReluConfig:
     """Our relu SAEConfig from the fields of a ViTSAERunnerConfig."""
     if fields.get("gated_sae"):
         raise CheckpointError(f"{source}: gated PatchSAE checkpoints are not supported")
@@ -65,9 +65,9 @@ def _config_from_original(fields: dict[str, Any], source: str) -> SAEConfig:
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": dtype,
-        "l1_coefficient": fields.get("l1_coefficient", SAEConfig.l1_coefficient),
+        "l1_coefficient": fields.get("l1_coefficient", ReluConfig.l1_coefficient),
         "use_ghost_grads": bool(fields.get("use_ghost_grads")),
-        "mse_cls_coefficient": fields.get("mse_cls_coefficient", SAEConfig.mse_cls_coefficient),
+        "mse_cls_coefficient": fields.get("mse_cls_coefficient", ReluConfig.mse_cls_coefficient),
     }
     if not isinstance(d_in, int) or not isinstance(d_sae, int):
         raise CheckpointError(
