@@ -130,6 +130,11 @@ def test_a_sweep_entry_that_changes_arch_leaves_the_base_options_behind():
     sweep = [{}, {"arch": "topk", "k": 2}]
     relu, topk = from_dict(TrainConfig, {**base, "sweep": sweep}).sae_configs()
     assert relu.l1_coefficient == 1e-3 and topk == SAEConfig(arch="topk", d_in=4, d_sae=8, k=2)
+    assert topk.init == "tied"  # its own default, not relu's
+    base["sae"]["init"] = "patchsae"  # set explicitly, yet relu's default: not inherited
+    assert from_dict(TrainConfig, {**base, "sweep": sweep}).sae_configs()[1].init == "tied"
+    base["sae"]["dtype"] = "float64"  # set away from the default: inherited
+    assert from_dict(TrainConfig, {**base, "sweep": sweep}).sae_configs()[1].dtype == "float64"
     with pytest.raises(ConfigError, match=r"sweep\[0\]\.l1_coefficient"):
         from_dict(TrainConfig, {**base, "sweep": [{"arch": "topk", "l1_coefficient": 1}]})
 
@@ -143,7 +148,7 @@ def test_a_cfg_json_with_every_old_option_loads(tmp_path: Path, arch: str):
     folder = save(sae, tmp_path / arch)
     info = json.loads((folder / "cfg.json").read_text())
     assert info["format_version"] == 1
-    old = {**OLD_KEYS, **options, "arch": arch}
+    old = {**OLD_KEYS, **options, "arch": arch, "init": sae.cfg.init}
     if arch != "relu":
         old["l1_coefficient"] = 1e-3
     (folder / "cfg.json").write_text(json.dumps({**info, "sae": old}))
@@ -153,8 +158,18 @@ def test_a_cfg_json_with_every_old_option_loads(tmp_path: Path, arch: str):
 def test_resume_reads_a_run_saved_with_every_option():
     sae = {"arch": "topk", "d_in": 4, "d_sae": 64}
     cfg = from_dict(TrainConfig, {"store": "s", "sae": sae})
-    saved = {**to_dict(cfg), "sae": {**OLD_KEYS, **sae}}
+    saved = {**to_dict(cfg), "sae": {**OLD_KEYS, **sae, "init": "tied"}}
     assert config_differences(saved, to_dict(cfg)) == []
     saved["sae"]["k"] = 32
     assert config_differences(saved, to_dict(cfg)) == ["sae.k"]
     assert isinstance(SAEConfig(), ReluConfig)
+
+
+def test_each_arch_has_the_init_of_its_literature():
+    """TopK / BatchTopK (Gao et al. 2024) and JumpReLU start tied; relu keeps PatchSAE's init."""
+    inits = {a: SAEConfig(arch=a, d_in=4, d_sae=8, k=2).init for a in ("topk", "batchtopk")}
+    inits["jumprelu"] = SAEConfig(arch="jumprelu").init
+    assert inits == {"topk": "tied", "batchtopk": "tied", "jumprelu": "tied"}
+    assert SAEConfig().init == "patchsae"
+    recipe = load_config(TrainConfig, ROOT / "configs" / "patchsae.yaml")
+    assert recipe.sae.init == "patchsae"

@@ -94,10 +94,15 @@ def own_options(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def merged(base: SAEConfig, entry: dict[str, Any], prefix: str = "") -> SAEConfig:
-    """``base`` with the keys of ``entry`` (a sweep entry); an entry that changes ``arch`` keeps
-    only the options of ``base`` that its arch has."""
+    """``base`` with the keys of ``entry`` (a sweep entry). An entry that changes ``arch``
+    inherits only the values ``base`` sets away from its own defaults, and of those only the
+    options its arch has: the rest are the new arch's defaults (its own ``init``, say)."""
     arch = entry.get("arch", base.arch)
-    inherited = own_options({**to_dict(base), "arch": arch})
+    inherited = to_dict(base)
+    if str(arch) != base.arch:
+        defaults = to_dict(type(base)(arch=base.arch))
+        inherited = {k: v for k, v in inherited.items() if v != defaults[k]}
+        inherited = own_options({**inherited, "arch": arch})
     return from_dict(SAEConfig, {**inherited, **entry}, prefix=prefix)
 
 
@@ -114,7 +119,8 @@ class _ByArch(type):
 
 @dataclass(frozen=True)
 class SAEConfig(metaclass=_ByArch):
-    """What every SAE has: its arch, sizes, dtype, decoder constraint and init.
+    """What every SAE has: its arch, sizes, dtype, decoder constraint and init (whose default
+    each architecture sets).
 
     Build it as ``SAEConfig(arch=..., **options)``: the instance is the arch's own config class.
     """
@@ -159,7 +165,8 @@ class SAEConfig(metaclass=_ByArch):
 
 @dataclass(frozen=True)
 class ReluConfig(SAEConfig):
-    """``relu``: the PatchSAE objective (normalised MSE + L1 + ghost grads, docs/recipe.md)."""
+    """``relu``: the PatchSAE objective (normalised MSE + L1 + ghost grads, docs/recipe.md),
+    with PatchSAE's own untied init by default (docs/sae.md, "Defaults")."""
 
     arch: str = "relu"
     l1_coefficient: float = 8e-5
@@ -179,9 +186,14 @@ class ReluConfig(SAEConfig):
 
 @dataclass(frozen=True)
 class TopKConfig(SAEConfig):
-    """``topk``: k active latents per token, plus ``aux_coefficient`` * AuxK on the dead."""
+    """``topk``: k active latents per token, plus ``aux_coefficient`` * AuxK on the dead.
+
+    Defaults from Gao et al. 2024: the encoder starts as the decoder's transpose (``tied``),
+    ``aux_k`` 512 and ``aux_coefficient`` 1/32 (docs/sae.md, "Defaults").
+    """
 
     arch: str = "topk"
+    init: Init = "tied"
     k: int = 64
     aux_k: int = 512
     aux_coefficient: float = 1 / 32
@@ -214,9 +226,14 @@ class BatchTopKConfig(TopKConfig):
 
 @dataclass(frozen=True)
 class JumpReLUConfig(SAEConfig):
-    """``jumprelu``: threshold init, STE bandwidth and the L0 coefficient."""
+    """``jumprelu``: threshold init, STE bandwidth and the L0 coefficient.
+
+    Defaults from Rajamanoharan et al. 2024 (threshold and bandwidth 0.001) and SAELens's
+    JumpReLU training SAE (encoder initialised as the decoder's transpose, ``tied``).
+    """
 
     arch: str = "jumprelu"
+    init: Init = "tied"
     jumprelu_threshold_init: float = 0.001
     jumprelu_bandwidth: float = 0.001
     l0_coefficient: float = 1e-3
