@@ -678,6 +678,55 @@ def test_thin_and_tiny_images_get_a_box_inside_them() -> None:
         assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
 
 
+def test_an_image_too_thin_for_a_letterbox_is_one_clear_error() -> None:
+    from patchsae.backbones import BackboneError
+    from patchsae.stats.views import view_box
+
+    with pytest.raises(BackboneError, match="too thin"):
+        view_box(letterbox_preprocessor(), (1, 300))
+
+
+def letterbox_preprocessor(size: int = 32):
+    """DINOv2-style processing: fit inside size x size, then centre-crop (= pad) to a square."""
+    from transformers import BitImageProcessor
+
+    from patchsae.backbones import ImagePreprocessor
+
+    processor = BitImageProcessor(
+        size={"max_height": size, "max_width": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
+    )
+    return ImagePreprocessor(processor, (size, size))
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_masks_and_thumbnails_of_letterboxed_images_lie_on_the_right_pixels(wide: bool) -> None:
+    from PIL import Image
+
+    from patchsae.stats.views import thumbnail, upsample_grid, view_box
+
+    preprocess = letterbox_preprocessor()
+    # 80 x 40 fits as 32 x 16, padded by 8 rows above and below: patch row 1 (model rows 8-15)
+    # holds original rows 0-19, each of the 4 x 4 patches covers 20 x 20 original pixels
+    pixels = np.full((40, 80, 3), 40, dtype=np.uint8)
+    pixels[0:20, 40:60] = 255
+    if not wide:
+        pixels = pixels.transpose(1, 0, 2).copy()
+    image = Image.fromarray(pixels)
+    model_in = preprocess([image])[0].mean(0).numpy()  # (32, 32)
+    grid = model_in.reshape(4, 8, 4, 8).mean((1, 3))
+    grid = np.where(grid > grid.mean() + 1, grid - grid.min(), 0.0)
+    assert np.argwhere(grid > 0).tolist() == ([[1, 2]] if wide else [[2, 1]])
+    mask = upsample_grid(grid, image.size, view_box(preprocess, image.size))
+    np.testing.assert_array_equal(mask > 0, pixels[..., 0] == 255)
+    thumb = thumbnail(image, view_box(preprocess, image.size), (32, 32)).mean(-1)
+    pad = thumb[:6] if wide else thumb[:, :6]
+    assert (pad == 0).all()  # the letterbox's padding is black, as in the model's input
+    bright = thumb[9:15, 17:23] if wide else thumb[17:23, 9:15]
+    assert (bright > 200).all()
+
+
 def test_atlas_query_command_prints_the_api_answers(labelled_atlas, capsys) -> None:
     ds, _ = labelled_atlas
     atlas = str(ds.root.parent.parent)

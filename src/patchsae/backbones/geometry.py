@@ -85,6 +85,11 @@ def input_box(
     if width < 1 or height < 1:
         raise BackboneError(f"image size must be positive, got {width}x{height}")
     new_h, new_w = resized_hw(image_processor, image_wh)
+    if new_h < 1 or new_w < 1:
+        raise BackboneError(
+            f"a {width}x{height} image resizes to {new_w}x{new_h} px under this processor: "
+            "too thin to show the model; use a less elongated image"
+        )
     out_h, out_w = size_hw
     top = left = 0
     if getattr(image_processor, "do_center_crop", False):

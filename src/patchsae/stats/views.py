@@ -1,15 +1,14 @@
 """Where the model's input lies on an image, thumbnails of that view, latent masks as pictures.
 
-A backbone's image processor resizes and crops (or stretches) each image; the patch grid covers
-only the part of the image that reaches the model. :func:`view_box` finds that part for any
-processor by probing it with coordinate ramps, so masks land on the right pixels whatever the
-processor does (shortest-edge resize + centre crop, fixed-size resize, ...).
+A backbone's image processor resizes and crops, pads or stretches each image; the patch grid
+covers only the part of the image that reaches the model. :func:`view_box` is that part (from
+:mod:`patchsae.backbones.geometry`), so masks land on the right pixels whatever the processor
+does (shortest-edge resize + centre crop, letterbox, fixed-size resize).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,64 +17,38 @@ import torch
 from PIL import Image
 
 from patchsae.atomic import write_with
-from patchsae.backbones import TokenLayout
+from patchsae.backbones import ImagePreprocessor, TokenLayout
+from patchsae.backbones.geometry import input_box
 
 Box = tuple[float, float, float, float]
-Preprocess = Callable[[Sequence[Image.Image]], torch.Tensor]
 MaskStyle = str  # "heat" or "darken"
 DARKEN = 0.25
 
 
-def _fit_axis(frac: np.ndarray, n_in: int) -> tuple[float, float]:
-    """(start, end) input coordinates of an axis whose output pixels hold ramp fractions ``frac``.
-
-    ``frac[j]`` is where output pixel j's centre falls on the input ramp (0 at the first input
-    pixel's centre, 1 at the last's); the middle half of the axis is fitted by a line.
-    """
-    n_out = len(frac)
-    centres_in = frac * (n_in - 1) + 0.5
-    lo, hi = n_out // 4, max(n_out // 4 + 2, n_out - n_out // 4)
-    j = np.arange(n_out, dtype=float)[lo:hi] + 0.5
-    slope, intercept = np.polyfit(j, centres_in[lo:hi], 1)
-    return float(intercept), float(slope * n_out + intercept)
-
-
-def view_box(preprocess: Preprocess, size_wh: tuple[int, int]) -> Box:
-    """(left, top, right, bottom) of the region of a ``size_wh`` image the model sees, in pixels.
-
-    Found by running ``preprocess`` on a black, a white and a ramp image (red = x, green = y),
-    which works for any per-channel affine normalisation. Clamped to the image.
-    """
-    return _view_box_cached(preprocess, tuple(size_wh))
-
-
-@lru_cache(maxsize=256)
-def _view_box_cached(preprocess: Preprocess, size_wh: tuple[int, int]) -> Box:
-    w, h = size_wh
-    x = np.round(np.linspace(0, 255, w))
-    y = np.round(np.linspace(0, 255, h))
-    ramp = np.zeros((h, w, 3), dtype=np.uint8)
-    ramp[..., 0] = x[None, :]
-    ramp[..., 1] = y[:, None]
-    probes = [
-        Image.new("RGB", (w, h), (0, 0, 0)),
-        Image.new("RGB", (w, h), (255, 255, 255)),
-        Image.fromarray(ramp),
-    ]
-    black, white, out = preprocess(probes).double().numpy()
-    fx = (out[0] - black[0]) / (white[0] - black[0])
-    fy = (out[1] - black[1]) / (white[1] - black[1])
-    ramp_x, ramp_y = fx.mean(0), fy.mean(1)  # ramp fraction at each output column / row
-    left, right = _fit_axis(ramp_x, w) if w > 1 else (0.0, 1.0)
-    top, bottom = _fit_axis(ramp_y, h) if h > 1 else (0.0, 1.0)
-    return (max(0.0, left), max(0.0, top), min(float(w), right), min(float(h), bottom))
+def view_box(preprocessor: ImagePreprocessor, size_wh: tuple[int, int]) -> Box:
+    """(left, top, right, bottom) in pixels of a ``size_wh`` = (W, H) image: the region the
+    model's input shows (:func:`patchsae.backbones.geometry.input_box`). It extends past the
+    image where the processor pads (a letterbox)."""
+    box = input_box(preprocessor.image_processor, preprocessor.size_hw, tuple(size_wh))
+    return (box.left, box.top, box.right, box.bottom)
 
 
 def thumbnail(image: Image.Image, box: Box, size_hw: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) uint8: the ``box`` of ``image`` (the model's view) resized to ``size_hw``."""
+    """(h, w, 3) uint8: the ``box`` of ``image`` (the model's view) resized to ``size_hw``.
+
+    Parts of the box outside the image are black, as the processor's padding is.
+    """
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    left, top, right, bottom = box
+    pad_l, pad_t = max(0, math.ceil(-left)), max(0, math.ceil(-top))
+    pad_r, pad_b = max(0, math.ceil(right - width)), max(0, math.ceil(bottom - height))
+    if pad_l or pad_t or pad_r or pad_b:
+        canvas = Image.new("RGB", (width + pad_l + pad_r, height + pad_t + pad_b))
+        canvas.paste(rgb, (pad_l, pad_t))
+        rgb, box = canvas, (left + pad_l, top + pad_t, right + pad_l, bottom + pad_t)
     h, w = size_hw
-    view = image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(view, dtype=np.uint8)
+    return np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
 def thumb_size(size: int, input_hw: tuple[int, int]) -> tuple[int, int]:
@@ -166,12 +139,12 @@ def latent_mask_picture(
     codes_tm: np.ndarray | torch.Tensor,
     layout: TokenLayout,
     latent: int,
-    preprocess: Preprocess,
+    preprocessor: ImagePreprocessor,
     style: MaskStyle = "heat",
 ) -> np.ndarray:
-    """(H, W, 3) uint8: the mask of ``latent`` drawn on the full ``image`` (the processor's crop
-    or stretch undone by :func:`view_box`)."""
+    """(H, W, 3) uint8: the mask of ``latent`` drawn on the full ``image`` (the processor's crop,
+    padding or stretch undone by :func:`view_box`)."""
     rgb = image.convert("RGB")
     grid = patch_grid(codes_tm, layout, latent)
-    mask = upsample_grid(grid, rgb.size, view_box(preprocess, rgb.size))
+    mask = upsample_grid(grid, rgb.size, view_box(preprocessor, rgb.size))
     return render_mask(np.asarray(rgb), mask, style)
