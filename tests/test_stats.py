@@ -740,3 +740,41 @@ def test_atlas_query_command_prints_the_api_answers(labelled_atlas, capsys) -> N
     assert json.loads(capsys.readouterr().out) == ds.dense(0.2)[:20]
     assert main(["atlas", atlas, "info"]) == 0
     assert json.loads(capsys.readouterr().out)["datasets"] == {ds.name: N}
+
+
+def test_trained_sae_records_its_layer_and_stats_refuses_another(tmp_path: Path) -> None:
+    from patchsae.config import from_dict
+    from patchsae.sae import load
+    from patchsae.train import TrainConfig, train
+
+    store, hand_saved, acts = make_inputs(tmp_path)
+    run = {
+        "store": str(store),
+        "out": str(tmp_path / "run"),
+        "sae": {"d_in": D, "d_sae": M, "dtype": "float64"},
+        "batch_images": 4,
+        "total_images": 16,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "seed": 0,
+    }
+    out = train(from_dict(TrainConfig, run))
+    expected = {"backbone": {"name": "tiny", "n_layers": 2}, "layer": 0}
+    assert load(out).trained_on == expected
+    assert load(out / "checkpoint").trained_on == expected
+    assert load(hand_saved).trained_on is None
+
+    folder = run_stats(store, out, tmp_path / "atlas")
+    assert json.loads((folder / "dataset.json").read_text())["notes"] == []
+    folder = run_stats(store, hand_saved, tmp_path / "atlas2")
+    notes = json.loads((folder / "dataset.json").read_text())["notes"]
+    assert notes == ["the SAE records no backbone or layer: only its width d_in was checked"]
+
+    sae = load(out)
+    other_layer = save(sae, tmp_path / "l1", extra={"trained_on": {**expected, "layer": 1}})
+    with pytest.raises(StatsError, match="trained on layer 1 of 'tiny', these .* layer 0"):
+        run_stats(store, other_layer, tmp_path / "atlas3")
+    other_model = {"backbone": {"name": "big"}, "layer": 0}
+    other_backbone = save(sae, tmp_path / "big", extra={"trained_on": other_model})
+    with pytest.raises(StatsError, match="trained on backbone 'big', .* from 'tiny'"):
+        run_stats(store, other_backbone, tmp_path / "atlas4")

@@ -8,6 +8,7 @@ optimizer's): ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ class SAE(nn.Module):
 
     arch: str = ""
     config_class: type[SAEConfig] = SAEConfig
+    # {"backbone": identity dict, "layer": block index} of the activations it was trained on, as
+    # recorded in our checkpoint's cfg.json; None when unknown (other formats, older saves).
+    trained_on: dict[str, Any] | None = None
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -340,6 +340,7 @@ def compute_stats(cfg: StatsConfig, *, timings: dict[str, float] | None = None) 
             f"{stream.backbone_identity.get('name')!r} has width {stream.d_model}: use the SAE "
             "trained on this backbone and layer"
         )
+    origin_note = check_trained_on(sae, stream.layer, stream.backbone_identity)
     root = Path(cfg.out)
     if root.exists() and not root.is_dir():
         raise StatsError(f"out={root} is a file; pass an atlas folder")
@@ -348,7 +349,38 @@ def compute_stats(cfg: StatsConfig, *, timings: dict[str, float] | None = None) 
         f"another patchsae stats is writing to {root}; wait for it to finish or use another out="
     )
     with FolderLock(root, busy):
-        return _compute_locked(cfg, sae, stream, root, t0, timings)
+        return _compute_locked(cfg, sae, stream, root, t0, timings, origin_note)
+
+
+def check_trained_on(sae: SAE, layer: int, backbone: dict[str, Any]) -> str | None:
+    """Refuse activations of another layer or backbone than the SAE records it was trained on.
+
+    Returns a note when the SAE records nothing (only its width was checked) or when the two
+    backbones cannot be compared (one is a local folder, known by its hash, the other by name).
+    """
+    record = sae.trained_on
+    if record is None:
+        return "the SAE records no backbone or layer: only its width d_in was checked"
+    theirs = record["backbone"]
+    name = theirs.get("name")
+    if record["layer"] != layer:
+        raise StatsError(
+            f"the SAE was trained on layer {record['layer']} of {name!r}, these activations are "
+            f"layer {layer}: use layer={record['layer']} (or a store holding it)"
+        )
+    hashes = (theirs.get("folder_hash"), backbone.get("folder_hash"))
+    if None not in hashes:
+        same = hashes[0] == hashes[1]
+    elif hashes == (None, None):
+        same = name == backbone.get("name")
+    else:
+        return f"the SAE's backbone {name!r} and {backbone.get('name')!r} could not be compared"
+    if not same:
+        raise StatsError(
+            f"the SAE was trained on backbone {name!r}, these activations come from "
+            f"{backbone.get('name')!r}: use the SAE trained on this backbone, or that backbone"
+        )
+    return None
 
 
 def _compute_locked(
@@ -358,12 +390,14 @@ def _compute_locked(
     root: Path,
     t0: float,
     timings: dict[str, float] | None,
+    origin_note: str | None,
 ) -> Path:
     """``compute_stats`` once the atlas folder is locked."""
     labels_all = stream.labels_all()
     class_names = stream.class_names
     has_labels = bool(len(class_names)) and bool((labels_all >= 0).any())
     notes = [] if has_labels else ["no labels or class names: class statistics skipped"]
+    notes += [origin_note] if origin_note else []
     batch_size = cfg.batch_images or _auto_batch(stream.layout.n_tokens, sae.cfg.d_sae)
     _check_atlas(
         root,

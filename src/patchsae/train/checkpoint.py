@@ -92,10 +92,12 @@ def write_checkpoint(
     saes: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
+    sae_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``out/checkpoint`` and return its path.
 
-    saes: member folder name -> SAE, each written with ``patchsae.sae.io.save``.
+    saes: member folder name -> SAE, each written with ``patchsae.sae.io.save`` (``sae_extra``
+    added to each cfg.json).
     tensors, state: the trainer state (safetensors and JSON parts).
     """
     tmp, current, old = out / TMP, out / CURRENT, out / OLD
@@ -103,7 +105,7 @@ def write_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, sae in saes.items():
-        save(sae, tmp / name)
+        save(sae, tmp / name, extra=sae_extra)
         fsync_dir(tmp / name)
     write_with(tmp / STATE_TENSORS, lambda path: save_file(tensors, str(path)))
     checksums = {

@@ -52,6 +52,7 @@ class BatchSource(Protocol):
     d_model: int
     tokens_per_image: int
     layer_index: int
+    trained_on: dict[str, Any]
     store: ActivationStore | None
     backbone: Backbone | None
     bad: Sequence[BadRecord]
@@ -84,6 +85,7 @@ class Source:
     d_model: int
     n_images: int
     layer_index: int
+    trained_on: dict[str, Any]
     store: ActivationStore | None = None
     backbone: Backbone | None = None
     bad: Sequence[BadRecord] = ()
@@ -141,6 +143,7 @@ class StoreSource(Source):
                 f"{cfg.model!r}: set model={extracted_from} or model=null"
             )
         self.layer_index = self.store.resolve_layer(cfg.layer)
+        self.trained_on = {"backbone": dict(self.store.meta.backbone), "layer": self.layer_index}
         self.layout = self.store.token_layout
         self.d_model = self.store.d_model
         self.n_images = len(self.store)
@@ -216,6 +219,7 @@ class StreamSource(Source):
         self.backbone = load_backbone(cfg.model, device=device)
         self.images = open_images(cfg.data)
         self.layer_index = self.backbone.resolve_layer(cfg.layer)
+        self.trained_on = {"backbone": self.backbone.identity(), "layer": self.layer_index}
         self.layout = self.backbone.token_layout
         self.d_model = self.backbone.d_model
         self.n_images = len(self.images)

@@ -199,7 +199,8 @@ def _checkpoint(
         "source": source.describe(),
         "config": to_dict(cfg),
     }
-    write_checkpoint(Path(cfg.out), {m.ckpt_name: m.sae for m in members}, tensors, state)
+    saes = {m.ckpt_name: m.sae for m in members}
+    write_checkpoint(Path(cfg.out), saes, tensors, state, {"trained_on": source.trained_on})
 
 
 def _fidelity_scorer(
@@ -397,7 +398,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
         log.close()
     if d.is_main:
         for m in members:
-            save(m.sae, m.out_dir, extra={k: progress[k] for k in ("step", "images", "tokens")})
+            counts = {k: progress[k] for k in ("step", "images", "tokens")}
+            save(m.sae, m.out_dir, extra={**counts, "trained_on": source.trained_on})
         if source.bad:
             write_bad_report(list(source.bad), out / "bad_images.json")
     return out

@@ -143,7 +143,7 @@ def _load_ours(folder: Path, info: dict[str, Any], device: Any) -> SAE:
                 f"{weights} {problem}: it was damaged after it was saved; use another copy or "
                 "save the SAE again"
             )
-        return _build(cfg, _read_safetensors(weights)[0], str(weights), device)
+        return _with_origin(_build(cfg, _read_safetensors(weights)[0], str(weights), device), info)
     tensors, metadata = _read_safetensors(weights)
     if metadata.get("save_id") != info.get("save_id"):
         previous = folder / PREVIOUS
@@ -152,7 +152,19 @@ def _load_ours(folder: Path, info: dict[str, Any], device: Any) -> SAE:
         _warn_interrupted(folder)
         weights = previous
         tensors, _ = _read_safetensors(previous)
-    return _build(cfg, tensors, str(weights), device)
+    return _with_origin(_build(cfg, tensors, str(weights), device), info)
+
+
+def _with_origin(sae: SAE, info: dict[str, Any]) -> SAE:
+    """``sae`` with ``trained_on`` taken from cfg.json when it records a backbone and layer."""
+    origin = info.get("trained_on")
+    if isinstance(origin, dict) and isinstance(origin.get("layer"), int):
+        backbone = origin.get("backbone")
+        sae.trained_on = {
+            "backbone": dict(backbone) if isinstance(backbone, dict) else {},
+            "layer": origin["layer"],
+        }
+    return sae
 
 
 def _different_saves(folder: Path) -> CheckpointError:
