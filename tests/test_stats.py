@@ -778,3 +778,28 @@ def test_trained_sae_records_its_layer_and_stats_refuses_another(tmp_path: Path)
     other_backbone = save(sae, tmp_path / "big", extra={"trained_on": other_model})
     with pytest.raises(StatsError, match="trained on backbone 'big', .* from 'tiny'"):
         run_stats(store, other_backbone, tmp_path / "atlas4")
+
+
+def test_verify_finds_an_atlas_array_changed_in_place(tmp_path: Path, capsys) -> None:
+    from patchsae.verify import verify
+
+    store, sae_dir, _ = make_inputs(tmp_path)
+    folder = run_stats(store, sae_dir, tmp_path / "atlas")
+    assert verify(tmp_path / "atlas") == []
+    counts = folder / "class_counts.npy"
+    data = bytearray(counts.read_bytes())
+    data[-1] ^= 0xFF  # same size, same header: shape checks cannot see it
+    counts.write_bytes(bytes(data))
+    ds = Atlas.open(tmp_path / "atlas").dataset()
+    assert ds.array("class_counts").shape == (len(CLASSES), M)
+    (problem,) = verify(tmp_path / "atlas")
+    assert "class_counts.npy has changed since it was written" in problem
+    assert main(["verify", str(tmp_path / "atlas")]) == 2
+    err = capsys.readouterr()
+    assert "class_counts.npy has changed" in err.out + err.err
+    (folder / "dataset.json").write_text(
+        json.dumps({**json.loads((folder / "dataset.json").read_text()), "complete": False})
+    )
+    assert verify(tmp_path / "atlas") == [
+        f"{folder} is incomplete (stats was interrupted); rerun it"
+    ]

@@ -1,5 +1,5 @@
-"""``patchsae verify PATH``: read every byte of an activation store, a training run or an SAE
-folder and compare it with the checksums recorded when it was written.
+"""``patchsae verify PATH``: read every byte of an activation store, a training run, an SAE
+folder or an atlas and compare it with the checksums recorded when it was written.
 
 Each problem is printed as one line; any problem makes the command exit with status 2 and say
 how to repair it (extract again: only damaged shards are recomputed; train --resume; save again).
@@ -55,19 +55,32 @@ def verify_sae(path: Path) -> list[str]:
     return []
 
 
+def verify_atlas(path: Path) -> list[str]:
+    """Problems of the atlas folder ``path`` (every dataset's arrays against their checksums)."""
+    from patchsae.stats import Atlas, StatsError
+
+    try:
+        return Atlas.open(path).problems()
+    except StatsError as err:
+        return [str(err)]
+
+
 def verify(path: str | Path) -> list[str]:
-    """Every problem found in ``path`` (an activation store, a run folder or an SAE checkpoint);
-    an empty list when it is intact."""
+    """Every problem found in ``path`` (an activation store, a run folder, an SAE checkpoint or
+    an atlas); an empty list when it is intact."""
     path = Path(path)
     if (path / METADATA).is_file():
         return verify_store(path)
+    if (path / "atlas.json").is_file():
+        return verify_atlas(path)
     if (path / "train_config.json").is_file():
         return verify_run(path)
     if (path / "cfg.json").is_file() or path.is_file():
         return verify_sae(path)
     raise VerifyError(
         f"{path} is neither an activation store (metadata.json), a training run "
-        "(train_config.json) nor an SAE checkpoint (cfg.json): pass one of those folders"
+        "(train_config.json), an SAE checkpoint (cfg.json) nor an atlas (atlas.json): pass one "
+        "of those folders"
     )
 
 
@@ -78,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     if problems:
         raise VerifyError(
             f"{len(problems)} problem(s) in {args.path}; a store is repaired by rerunning its "
-            "extract command (only damaged shards are recomputed), a run by train --resume"
+            "extract command (only damaged shards are recomputed), a run by train --resume, an "
+            "atlas dataset by rerunning its stats command"
         )
     print(json.dumps({"path": str(args.path), "ok": True}))
     return 0
@@ -88,9 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``verify PATH``."""
     p = subparsers.add_parser(
         "verify",
-        help="check a store, a training run or an SAE against its recorded checksums",
-        description="Read every file of an activation store, a training run folder or an SAE "
-        "checkpoint and compare it with the checksums recorded when it was written.",
+        help="check a store, a training run, an SAE or an atlas against its recorded checksums",
+        description="Read every file of an activation store, a training run folder, an SAE "
+        "checkpoint or an atlas and compare it with the checksums recorded when it was written.",
     )
-    p.add_argument("path", help="store folder, run folder (out=) or SAE checkpoint")
+    p.add_argument("path", help="store folder, run folder (out=), SAE checkpoint or atlas folder")
     p.set_defaults(func=_run)

@@ -5,11 +5,14 @@
     ATLAS/
       atlas.json                 format, SAE, backbone, layer, token layout (written once)
       datasets/<name>/
-        dataset.json             source, options, counts, files; "complete": true when usable
+        dataset.json             source, options, counts, files and their checksums;
+                                 "complete": true when usable
         <array>.npy              one file per statistic (see FILES)
         .partial/                resume state while ``stats`` runs
 
-Queries read only the rows they need: every array is opened with ``np.load(mmap_mode="r")``.
+Queries read only the rows they need: every array is opened with ``np.load(mmap_mode="r")``
+and checked for shape and dtype; :meth:`Atlas.problems` (``patchsae verify``) reads every byte
+against the checksums recorded when the arrays were written.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from patchsae.backbones import TokenLayout
+from patchsae.checksum import file_problem
 from patchsae.stats.accumulate import StatsError
 from patchsae.stats.views import render_mask, upsample_grid
 
@@ -157,6 +161,22 @@ class AtlasDataset:
             self._check_shape(name, array)
             self._maps[name] = array
         return self._maps[name]
+
+    def problems(self) -> list[str]:
+        """Every file of the dataset against its recorded checksum (datasets written before
+        checksums: readability only), and every array's shape and dtype."""
+        recorded = self.meta.get("checksums") or {}
+        out = []
+        for name, file in sorted(self.meta["files"].items()):
+            problem = file_problem(self.root / file, recorded.get(name))
+            if problem is not None:
+                out.append(f"{self.root / file} {problem}; rerun patchsae stats for {self.name!r}")
+            elif name in FILES:
+                try:
+                    self.array(name)
+                except StatsError as err:
+                    out.append(str(err))
+        return out
 
     def _check_shape(self, name: str, array: np.ndarray) -> None:
         """Refuse an array whose shape or dtype differs from ``FILES`` (a damaged atlas)."""
@@ -316,6 +336,25 @@ class Atlas:
             if meta.get("complete") is True:
                 _check_dataset_meta(path, meta)
                 out[meta["name"]] = AtlasDataset(path.parent, meta, self.d_sae)
+        return out
+
+    def problems(self) -> list[str]:
+        """Every problem of the atlas's complete datasets (see ``AtlasDataset.problems``) and
+        each dataset left incomplete by an interrupted ``stats`` run."""
+        out = []
+        for path in sorted((self.root / DATASETS).glob(f"*/{DATASET_JSON}")):
+            try:
+                complete = read_json(path, "rerun patchsae stats").get("complete") is True
+            except StatsError as err:
+                out.append(str(err))
+                continue
+            if not complete:
+                out.append(f"{path.parent} is incomplete (stats was interrupted); rerun it")
+        try:
+            for dataset in self.datasets.values():
+                out += dataset.problems()
+        except StatsError as err:
+            out.append(str(err))
         return out
 
     def dataset(self, name: str | None = None) -> AtlasDataset:

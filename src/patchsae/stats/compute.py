@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from patchsae.atomic import atomic_file, write_json, write_with
 from patchsae.backbones import Backbone, TokenLayout, load_backbone
+from patchsae.checksum import file_checksum
 from patchsae.config import ConfigError, to_dict
 from patchsae.data import (
     ActivationStore,
@@ -455,6 +456,7 @@ def _compute_locked(
         shutil.copyfile(folder / PARTIAL / "tokens.npz", folder / "tokens.npz")
         files["tokens"] = "tokens.npz"
     n_bad = getattr(stream, "n_bad", 0)
+    checksums = {key: file_checksum(folder / name) for key, name in files.items()}
     write_json(
         folder / DATASET_JSON,
         {
@@ -464,6 +466,7 @@ def _compute_locked(
             "n_thumbs": int(len(arrays.get("thumbs", ()))),
             "notes": notes,
             "files": files,
+            "checksums": checksums,
             "complete": True,
         },
     )
