@@ -318,7 +318,7 @@ def _check_dataset(folder: Path, plan: dict[str, Any]) -> bool:
     return False
 
 
-RESULT_KEYS = ("complete", "files", "n_bad", "notes", "n_thumbs")
+RESULT_KEYS = ("complete", "files", "checksums", "n_bad", "notes", "n_thumbs")
 
 
 def _auto_batch(n_tokens: int, d_sae: int) -> int:
