@@ -8,7 +8,7 @@ import yaml
 from patchsae.cli import main
 from patchsae.config import ConfigError, from_dict
 from patchsae.sae.io import load
-from patchsae.train import TrainConfig
+from patchsae.train import TrainConfig, train
 from patchsae.train.config import check_schedule, load_train_config
 from test_train import tiny_acts
 from tiny_stores import make_store
@@ -72,3 +72,18 @@ def test_train_ends_with_held_out_metrics_and_the_evaluate_command(
     assert evaluate in printed
     assert load(out).cfg.d_in == 16
     assert main(evaluate.split()[1:]) == 0
+
+
+def test_the_small_cpu_config_trains_a_topk_sae_from_a_store(store: Path, tmp_path: Path) -> None:
+    small = ROOT / "configs" / "cpu-small.yaml"
+    overrides = [f"store={store}", f"out={tmp_path / 'run'}", "sae.d_sae=64", "sae.k=8"]
+    overrides += ["total_images=40", "warmup_steps=1", "eval_images=4", "dead_feature_window=2"]
+    overrides += ["checkpoint_every=5", "eval_every=5", "batch_tokens=20"]
+    cfg = load_train_config(small, overrides)
+    assert (cfg.sae.arch, cfg.sae.init, cfg.sae.d_in, cfg.batch_mode) == (
+        "topk",
+        "tied",
+        16,
+        "tokens",
+    )
+    assert load(train(cfg)).cfg.k == 8
