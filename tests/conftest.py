@@ -5,9 +5,13 @@ OMP_NUM_THREADS=1; a different thread count changes float summation order, so a 
 wants more threads must not leak its setting to the tests after it.
 """
 
-import pytest
-import torch
-from safetensors.torch import load_file
+import os
+
+os.environ["PATCHSAE_CHECK_SHAPES"] = "1"  # before patchsae is imported: see patchsae.shapes
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from assets import GOLDEN_STEP
 
