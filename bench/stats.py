@@ -96,7 +96,8 @@ def interleaved_ratio(sae_dir: Path, store_dir: Path, batch: int) -> float:
     from patchsae.sae import load
 
     sae, store = load(sae_dir), ActivationStore.open(store_dir)
-    acc = LatentAccumulator(M, TokenLayout.from_dict(store.metadata["token_layout"]), n_classes=10)
+    layout = TokenLayout.from_dict(store.metadata["token_layout"])
+    acc = LatentAccumulator(M, layout, n_classes=10, nonnegative=True)  # as compute_stats
     encode = update = 0.0
     row = 0
     with torch.no_grad():

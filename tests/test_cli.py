@@ -15,7 +15,7 @@ from patchsae.data.images import DataError
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("command", [["patchsae"], [sys.executable, "-m", "patchsae"]])

@@ -304,9 +304,9 @@ def test_sigkill_resume_is_bit_identical(tiny_model: Path, tmp_path: Path) -> No
         for info in entry["files"].values():
             assert (resumed / info["path"]).stat().st_size == info["bytes"]
     first_shard_mtime = (resumed / "layer_0" / "00000.npy").stat().st_mtime_ns
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()
     final = run_extract([*common, f"out={resumed}"])
-    assert final.wait(timeout=120) == 0, final.stderr.read().decode()
+    assert final.wait(timeout=600) == 0, final.stderr.read().decode()
     assert (resumed / "layer_0" / "00000.npy").stat().st_mtime_ns == first_shard_mtime
     expected, got = tree(reference), tree(resumed)
     assert sorted(got) == sorted(expected)

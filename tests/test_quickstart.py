@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def inputs(tmp_path_factory):
     model, processor = tiny_clip(32, 2, 2, 32, 8, 16)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    return root / "model", image_folder(root / "images")
+    image_folder(root / "images" / "train")
+    image_folder(root / "images" / "test", n_per_class=2)
+    return root / "model", root / "images"
 
 
 def quickstart(model: Path, images: Path, out: Path) -> list[str]:
@@ -53,7 +56,8 @@ def test_offline_end_to_end_then_resume(inputs, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(quickstart(model, images, out)) == 0
     printed = capsys.readouterr().out
-    steps = ("extract", "store"), ("train", "sae"), ("stats", "atlas"), ("figures", "figures")
+    steps = ("extract", "store"), ("train", "sae"), ("evaluate", "store-test"), ("stats", "atlas")
+    steps += (("figures", "figures"),)
     for step, folder in steps:
         assert f"== {step}: {out / folder}" in printed
     for figure in ("scatter.png", "scatter.html", "heatmap.png", "references.png"):
@@ -61,6 +65,10 @@ def test_offline_end_to_end_then_resume(inputs, tmp_path, capsys):
         assert str(path) in printed
         head = path.read_bytes()[:64]
         assert head.startswith(b"\x89PNG") if figure.endswith("png") else b"<html" in head.lower()
+    held_out = json.loads((out / "sae" / "eval-test.json").read_text())
+    assert held_out["images"] == [0, 4]  # the 4 test images, not the 12 train images
+    assert 0 <= held_out["reconstruction"]["fvu"] < 2
+    assert "fvu" in printed
     sae = load(out / "sae")
     assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
     atlas = Atlas.open(out / "atlas")

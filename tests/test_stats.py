@@ -803,3 +803,18 @@ def test_verify_finds_an_atlas_array_changed_in_place(tmp_path: Path, capsys) ->
     assert verify(tmp_path / "atlas") == [
         f"{folder} is incomplete (stats was interrupted); rerun it"
     ]
+
+
+def test_every_architecture_encodes_nonnegative_codes() -> None:
+    """compute_stats counts positive codes with ``sign`` on this promise."""
+    from patchsae.sae.registry import available_archs
+
+    torch.manual_seed(0)
+    x = torch.randn(64, D) * 3
+    for arch in available_archs():
+        k = {"k": 4, "aux_k": 4} if arch in ("topk", "batchtopk") else {}
+        sae = make_sae(SAEConfig(arch=arch, d_in=D, d_sae=M, dtype="float64", **k))
+        with torch.no_grad():
+            sae.b_enc.normal_()
+            codes = sae.encode(x.double())
+        assert codes.min() >= 0 and (codes > 0).any(), arch

@@ -293,7 +293,12 @@ def test_cli_trains_and_prints_the_output(store: Path, tmp_path: Path, capsys) -
     out = tmp_path / "run"
     args = ["sae.d_in=16", "sae.d_sae=32", "total_images=8", f"out={out}"]
     assert main(["train", str(cfg_file), *args]) == 0
-    assert capsys.readouterr().out.strip().endswith(str(out))
+    printed = capsys.readouterr()
+    assert "warning: warmup_steps=500 but the run has only 2 steps" in printed.err
+    assert f"  saved: {out} (sae.safetensors + cfg.json)" in printed.out
+    assert f"  evaluate: patchsae evaluate --sae {out} --store {store}" in printed.out
+    assert "no held-out images (eval_images=0)" in printed.out
+    assert printed.out.count("warning: warmup_steps=500") == 1  # repeated in the summary
     assert (out / "sae.safetensors").is_file()
     assert main(["train", str(cfg_file), *args, "lr=1"]) == 2
 

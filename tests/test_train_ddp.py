@@ -21,7 +21,7 @@ from run_files import metrics, weights
 from test_train import config, tiny_acts
 from tiny_stores import make_store
 
-TIMEOUT_S = 180
+TIMEOUT_S = 600
 
 
 def torchrun(args: list[str], nproc: int) -> None:

@@ -217,6 +217,14 @@ def load_config(
     cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> T:
     """Read ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
+    return from_dict(cls, read_config(path, overrides))
+
+
+def read_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> dict[str, Any]:
+    """The nested dict of an optional YAML file with ``key=value`` overrides applied (what
+    ``load_config`` builds its dataclass from)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -240,4 +248,4 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
         _set_dotted(data, key.strip(), value)
-    return from_dict(cls, data)
+    return data

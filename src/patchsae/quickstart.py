@@ -1,6 +1,7 @@
 """``patchsae quickstart``: the whole pipeline in one command, resumable.
 
 extract (activation store of the train split) -> train (a small SAE on the store) ->
+evaluate (FVU, L0 and dead latents on a store of the test split, when the source has one) ->
 stats (an atlas of the SAE over the store) -> figures (the paper's plots of the atlas) ->
 explore (the web app on that atlas). Each step
 prints its output folder; run the same command again after an interruption and finished steps
@@ -37,12 +38,16 @@ class QuickstartConfig:
     ``expansion``: d_sae / d_model of the SAE; ``arch``: ``topk`` (``k`` active latents per
     token: sparse and readable after a few epochs) or ``relu`` (the paper's L1 recipe, which
     needs far more images to become sparse); ``epochs``: passes over the store;
-    ``image_column``: the image column of a hub dataset (local folders need none)."""
+    ``image_column``: the image column of a hub dataset (local folders need none);
+    ``test_split`` / ``test_limit``: the held-out split evaluated after training and how many of
+    its images (None: no held-out evaluation)."""
 
     out: str = "quickstart"
     model: str = DEFAULT_BACKBONE
     data: str = DEFAULT_DATA
     split: str = "train"
+    test_split: str | None = "test"
+    test_limit: int | None = 500
     image_column: str = "img"
     layer: int = -2
     limit: int | None = 2000
@@ -72,30 +77,14 @@ def _is_local(path: str) -> bool:
 def run_pipeline(cfg: QuickstartConfig) -> Path:
     """Run (or finish) extract, train and stats under ``cfg.out``; returns the atlas folder."""
     from patchsae.data import ActivationStore
-    from patchsae.extract import ExtractConfig, extract
     from patchsae.stats import StatsConfig, compute_stats
     from patchsae.train.trainer import train
 
     out = Path(cfg.out)
     store, sae_dir, atlas = out / "store", out / "sae", out / "atlas"
-    column = "image" if Path(cfg.data).is_dir() else cfg.image_column
-    data = DataConfig(cfg.data, split=cfg.split, image_column=column)
     _step("extract", store)
     try:
-        extract(
-            ExtractConfig(
-                model=cfg.model,
-                data=data,
-                layers=(cfg.layer,),
-                out=str(store),
-                batch_size=cfg.batch_size,
-                shard_images=cfg.batch_size * 8,
-                limit=cfg.limit,
-                seed=0,
-                num_workers=0,
-                device=cfg.device,
-            )
-        )
+        _extract(cfg, cfg.split, store, cfg.limit)
     except (BackboneError, DataError) as err:
         remote = not (_is_local(cfg.model) and _is_local(cfg.data))
         if remote:
@@ -109,6 +98,7 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
         print(f"{sae_dir} is already trained ({train_cfg.total_images} images); nothing to do")
     else:
         train(train_cfg, resume=True)
+    held_out(cfg, sae_dir, out / "store-test")
     _step("stats", atlas)
     compute_stats(
         StatsConfig(sae=str(sae_dir), out=str(atlas), store=str(store), device=cfg.device)
@@ -117,6 +107,59 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     for path in figures(atlas, out / "figures"):
         print(path)
     return atlas
+
+
+def _extract(cfg: QuickstartConfig, split: str, store: Path, limit: int | None) -> None:
+    """Extract (or finish) the store of ``split`` of ``cfg.data`` at ``cfg.layer``."""
+    from patchsae.extract import ExtractConfig, extract
+
+    column = "image" if Path(cfg.data).is_dir() else cfg.image_column
+    extract(
+        ExtractConfig(
+            model=cfg.model,
+            data=DataConfig(cfg.data, split=split, image_column=column),
+            layers=(cfg.layer,),
+            out=str(store),
+            batch_size=cfg.batch_size,
+            shard_images=cfg.batch_size * 8,
+            limit=limit,
+            seed=0,
+            num_workers=0,
+            device=cfg.device,
+        )
+    )
+
+
+def held_out(cfg: QuickstartConfig, sae_dir: Path, store: Path) -> dict | None:
+    """Evaluate the SAE on a store of ``cfg.test_split`` (extracted into ``store``); writes
+    ``sae_dir/eval-test.json`` and prints the table. None, with a note, when the source has no
+    such split (a local folder without a ``test`` subfolder would silently be the train images).
+    """
+    from patchsae.atomic import write_json
+    from patchsae.metrics.evaluate import evaluate, format_table
+
+    _step("evaluate", store)
+    local = Path(cfg.data).is_dir()
+    if cfg.test_split is None or cfg.test_split == cfg.split:
+        print("no held-out split asked for: evaluation skipped")
+        return None
+    if local and not (Path(cfg.data) / cfg.test_split).is_dir():
+        print(f"{cfg.data} has no {cfg.test_split!r} split folder: held-out evaluation skipped")
+        return None
+    from patchsae.data import open_images
+
+    column = "image" if local else cfg.image_column
+    try:
+        n_test = len(open_images(DataConfig(cfg.data, split=cfg.test_split, image_column=column)))
+        limit = cfg.test_limit if cfg.test_limit is not None and cfg.test_limit < n_test else None
+        _extract(cfg, cfg.test_split, store, limit)
+    except DataError as err:
+        print(f"held-out evaluation skipped: {err}")
+        return None
+    result = evaluate(sae_dir, store, device=cfg.device)
+    write_json(sae_dir / "eval-test.json", result)
+    print(format_table(result))
+    return result
 
 
 def figures(atlas_dir: Path, folder: Path) -> list[Path]:
@@ -161,15 +204,18 @@ def train_config(cfg: QuickstartConfig, store: Path, sae_dir: Path, n_images: in
 
     options = {"k": cfg.k} if cfg.arch == "topk" else {"l1_coefficient": cfg.l1_coefficient}
     sae = SAEConfig(arch=cfg.arch, d_in=d_model, d_sae=d_model * cfg.expansion, **options)
+    batch_images = min(32, n_images)
+    steps = -(-n_images * cfg.epochs // batch_images)
     return TrainConfig(
         store=str(store),
         out=str(sae_dir),
         sae=sae,
-        batch_images=min(32, n_images),
+        batch_images=batch_images,
         total_images=n_images * cfg.epochs,
-        warmup_steps=10,
+        warmup_steps=max(1, min(10, steps // 20)),
+        dead_feature_window=max(1, min(64, steps // 4)),
         b_dec_init_maxiter=20,
-        checkpoint_every=50,
+        checkpoint_every=min(50, steps),
         eval_every=10**9,
         log_every=20,
         device=cfg.device,
@@ -182,6 +228,8 @@ def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
         model=args.model,
         data=args.data,
         split=args.split,
+        test_split=args.test_split or None,
+        test_limit=None if args.test_limit == 0 else args.test_limit,
         layer=args.layer,
         limit=None if args.limit == 0 else args.limit,
         expansion=args.expansion,
@@ -220,6 +268,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_BACKBONE, help="hub id or local model folder")
     p.add_argument("--data", default=DEFAULT_DATA, help="hub dataset or local image folder")
     p.add_argument("--split", default="train")
+    p.add_argument(
+        "--test-split", default="test", help="held-out split evaluated after training ('' : none)"
+    )
+    p.add_argument("--test-limit", type=int, default=500, help="test images extracted (0: all)")
     p.add_argument("--layer", type=int, default=-2, help="block index (default -2)")
     p.add_argument("--limit", type=int, default=2000, help="images extracted (0: all)")
     p.add_argument("--expansion", type=int, default=8, help="d_sae / d_model (default 8)")

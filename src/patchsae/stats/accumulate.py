@@ -67,6 +67,9 @@ def label_entropy(values_mk: np.ndarray, labels_mk: np.ndarray) -> np.ndarray:
 class LatentAccumulator:
     """Streaming per-latent statistics over images given as SAE codes (B, T, d_sae).
 
+    ``nonnegative=True`` promises codes >= 0 (every SAE architecture ends in a ReLU), which lets
+    the count of positive codes use one ``sign`` pass instead of a comparison.
+
     Feed batches in pass order with :meth:`update`; :meth:`state_dict` / :meth:`load_state_dict`
     save and restore everything (resume), :meth:`result` returns the final arrays.
     """
@@ -81,6 +84,7 @@ class LatentAccumulator:
         threshold: float = 0.2,
         aggregate: Aggregate = "mean",
         include_cls: bool = True,
+        nonnegative: bool = False,
     ) -> None:
         if top_k < 1:
             raise StatsError(f"top_k must be >= 1, got {top_k}")
@@ -93,6 +97,7 @@ class LatentAccumulator:
         self.n_set = len(token_set(layout, include_cls))
         self.segments = _segments(token_set(layout, include_cls))
         self.include_cls = include_cls and layout.cls_index is not None
+        self.nonnegative = nonnegative
         self._buf = torch.empty(0)
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
@@ -134,10 +139,14 @@ class LatentAccumulator:
         """(B, d_sae) int64: tokens of ``view_btm`` (B, t, d_sae) whose code is > threshold.
 
         The comparison is written as 0/1 floats into a reused buffer and summed by
-        ``_token_sum`` (exact: float sums of 0/1 are exact below 2**24 tokens)."""
+        ``_token_sum`` (exact: float sums of 0/1 are exact integers below 2**24 tokens); for
+        nonnegative codes and threshold 0, ``sign`` writes the same 0/1 in one cheaper pass."""
         buf = self._buffer(view_btm)
-        torch.gt(view_btm, threshold, out=buf)
-        return self._token_sum(buf).round().long()
+        if self.nonnegative and threshold == 0.0:
+            torch.sign(view_btm, out=buf)
+        else:
+            torch.gt(view_btm, threshold, out=buf)
+        return self._token_sum(buf).long()
 
     def reduce(self, codes_btm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per image and latent, over the token set: image-level activation (B, d_sae) float64,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from patchsae.config import load_config
-
 
 def _run(args: argparse.Namespace) -> int:
-    from patchsae.train.config import TrainConfig
+    from patchsae.train.config import load_train_config
+    from patchsae.train.log import run_summary
     from patchsae.train.trainer import train
 
-    out = train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume)
-    print(out)
+    cfg = load_train_config(args.config, args.overrides)
+    out = train(cfg, resume=args.resume)
+    print(run_summary(cfg, out))
     return 0
 
 

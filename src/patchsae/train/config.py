@@ -7,12 +7,16 @@ options as ``patchsae evaluate``'s fidelity.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from patchsae.config import ConfigError, differing_keys
+from patchsae.config import ConfigError, differing_keys, from_dict, read_config
 from patchsae.data.images import LEGACY_DATA_DEFAULTS, DataConfig
+from patchsae.data.store import METADATA, StoreError, StoreMetadata
 from patchsae.metrics.fidelity import FidelityConfig
+from patchsae.paths import resolve_local
 from patchsae.sae.config import SAEConfig, merged, own_options
 from patchsae.sae.geometric_median import InitMethod
 
@@ -122,6 +126,83 @@ class TrainConfig:
         if not self.sweep:
             return [""]
         return [f"sae-{i:02d}" for i in range(len(self.sweep))]
+
+
+# A run shorter than this many dead-feature windows barely uses ghost grads / AuxK: latents are
+# only called dead after one full window without firing.
+MIN_DEAD_WINDOWS = 4
+
+
+def check_schedule(cfg: TrainConfig, n_steps: int) -> list[str]:
+    """Warnings for a run of ``n_steps`` too short for its schedule, worst first.
+
+    A warm-up as long as the run is a warning, not an error: a run of a few steps of the recipe
+    (the golden first step) is legitimate; ``train`` prints these at the start and again in its
+    closing summary.
+    """
+    warnings = []
+    if cfg.warmup_steps >= n_steps:
+        warnings.append(
+            f"warmup_steps={cfg.warmup_steps} but the run has only {n_steps} steps: the learning "
+            f"rate never reaches lr={cfg.lr} and the SAE stays undertrained; set warmup_steps="
+            f"{max(1, n_steps // 20)} (5% of the run) or train longer (total_images= / "
+            "total_tokens=)"
+        )
+    elif cfg.warmup_steps > n_steps // 4:
+        warnings.append(
+            f"warm-up takes {cfg.warmup_steps} of the run's {n_steps} steps (over a quarter); "
+            f"consider warmup_steps={max(1, n_steps // 20)}"
+        )
+    if cfg.dead_feature_window and n_steps < MIN_DEAD_WINDOWS * cfg.dead_feature_window:
+        warnings.append(
+            f"the run's {n_steps} steps are under {MIN_DEAD_WINDOWS} dead-feature windows of "
+            f"{cfg.dead_feature_window} steps: dead latents are barely revived; lower "
+            "dead_feature_window or train longer"
+        )
+    if cfg.checkpoint_every > n_steps:
+        warnings.append(
+            f"checkpoint_every={cfg.checkpoint_every} exceeds the run's {n_steps} steps: nothing "
+            "is saved before the end, so an interrupted run starts over"
+        )
+    return warnings
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The TrainConfig of a YAML file and ``key=value`` overrides, with what a store fixes
+    filled in from it (see :func:`with_store_defaults`)."""
+    return from_dict(TrainConfig, with_store_defaults(read_config(path, overrides)))
+
+
+def with_store_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a raw TrainConfig dict) with ``sae.d_in`` taken from its store when not given.
+
+    A given ``sae.d_in`` or ``model`` that disagrees with the store is one ConfigError naming
+    every value to change. Without ``store``, or when it cannot be read (the trainer then says
+    why), ``data`` is returned unchanged.
+    """
+    store = data.get("store")
+    if not isinstance(store, str):
+        return data
+    try:
+        meta = StoreMetadata.load(Path(store) / METADATA)
+    except (StoreError, OSError, ValueError):
+        return data
+    sae = dict(data.get("sae") or {})
+    name = meta.backbone.get("name")
+    fixes = []
+    if sae.get("d_in") is None:
+        sae["d_in"] = meta.d_model
+    elif sae["d_in"] != meta.d_model:
+        fixes.append(f"sae.d_in={meta.d_model} (not {sae['d_in']})")
+    model = data.get("model")
+    if isinstance(model, str) and name is not None and resolve_local(model) != name:
+        fixes.append(f"model=null (not {model!r})")
+    if fixes:
+        raise ConfigError(
+            f"the store {store} holds activations of width {meta.d_model} from {name!r}: set "
+            + " and ".join(fixes)
+        )
+    return {**data, "sae": sae}
 
 
 # Keys that may change between a run and its resumption: they do not touch the maths.

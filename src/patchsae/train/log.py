@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from patchsae.atomic import json_ready, write_text
 from patchsae.config import ConfigError, to_dict
-from patchsae.train.config import TrainConfig
+from patchsae.train.config import TrainConfig, check_schedule
 from patchsae.train.step import Member
 
 METRICS = "metrics.jsonl"
@@ -70,3 +70,50 @@ class Logger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The readable lines of a metrics.jsonl (none when it is absent)."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _percent(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def run_summary(cfg: TrainConfig, out: Path) -> str:
+    """The screen ``patchsae train`` ends with: the schedule's warnings again, then per SAE its
+    last held-out metrics (or a note that nothing was held out), its dead fraction, where it was
+    saved and how to evaluate it."""
+    lines = [f"trained {len(cfg.member_names())} SAE(s) in {out}"]
+    first = out / cfg.member_names()[0] / METRICS
+    steps = [r["step"] for r in _records(first) if isinstance(r.get("step"), int)]
+    if steps and steps[-1] > 0:
+        lines += [f"warning: {w}" for w in check_schedule(cfg, steps[-1])]
+    for name in cfg.member_names():
+        folder = out / name if name else out
+        records = _records(folder / METRICS)
+        last = records[-1] if records else {}
+        held_out = next((r for r in reversed(records) if "eval/fvu" in r), None)
+        lines.append(
+            f"{name or 'sae'}: step {last.get('step', '?')}, {last.get('tokens', '?')} tokens"
+        )
+        if held_out is not None:
+            lines.append(
+                f"  held-out ({cfg.eval_images} images): fvu {held_out['eval/fvu']:.4f}, "
+                f"l0 {held_out['eval/l0']:.1f}, dead {_percent(held_out.get('eval/frac_dead'))}"
+            )
+        else:
+            lines.append("  no held-out images (eval_images=0): no held-out metrics")
+        lines.append(f"  dead over the last window: {_percent(last.get('frac_dead'))}")
+        lines.append(f"  saved: {folder} (sae.safetensors + cfg.json)")
+        source = f"--store {cfg.store}" if cfg.store else "--store TEST_STORE"
+        held = f" --images {cfg.eval_images}" if cfg.store and cfg.eval_images else ""
+        lines.append(f"  evaluate: patchsae evaluate --sae {folder} {source}{held}")
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from patchsae.train.checkpoint import (
     rng_tensors,
     write_checkpoint,
 )
-from patchsae.train.config import TrainConfig, config_differences
+from patchsae.train.config import TrainConfig, check_schedule, config_differences
 from patchsae.train.errors import TrainingError
 from patchsae.train.health import check_finite
 from patchsae.train.log import METRICS, Logger, truncate_metrics
@@ -320,6 +321,8 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
     members = _build_members(cfg, d.device, tokens_per_step)
     _lock_run(out, d, held)
     state = _prepare_out(cfg, resume)
+    for warning in check_schedule(cfg, n_steps) if d.is_main else []:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
     ddp.barrier(d)
     if d.is_main:
         for m in members:
