@@ -94,7 +94,7 @@ def geometric_median(
 
 @shaped
 def init_b_dec(
-    acts: Float[Tensor, "*batch d_model"], method: InitMethod, maxiter: int = 100
+    acts: Float[Tensor, "*batch d_model"], method: str, maxiter: int = 100
 ) -> Float[Tensor, " d_model"]:
     """Initial decoder bias (d,) from a batch of activations.
 
