@@ -118,11 +118,11 @@ def _plan(
 def _print_bad(bad: list[BadRecord], out: Path) -> None:
     if not bad:
         return
-    print(f"skipped {len(bad)} bad image(s) (listed in {out / BAD_IMAGES}):")
+    tqdm.write(f"skipped {len(bad)} bad image(s) (listed in {out / BAD_IMAGES}):")
     for record in bad[:20]:
-        print(f"  {record.where}: {record.reason}")
+        tqdm.write(f"  {record.where}: {record.reason}")
     if len(bad) > 20:
-        print(f"  ... and {len(bad) - 20} more")
+        tqdm.write(f"  ... and {len(bad) - 20} more")
 
 
 def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> Path:
@@ -150,13 +150,15 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
     out = Path(cfg.out)
     with StoreWriter(out, plan) as writer:
         if writer.complete:
-            print(f"{out} is already complete ({plan.n_planned} images planned); nothing to do")
+            tqdm.write(
+                f"{out} is already complete ({plan.n_planned} images planned); nothing to do"
+            )
             return out
         if writer.damage is not None:
-            print(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
+            tqdm.write(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
         source.exif_transpose = writer.data_option("exif_transpose")
         if source.exif_transpose != cfg.data.exif_transpose:
-            print(
+            tqdm.write(
                 f"{out} was started before EXIF orientation was applied: resuming it on raw pixels"
             )
         entries = [writer.shard_entry(k) for k in range(plan.n_shards)]
@@ -186,7 +188,7 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
     )
     if timings is not None:
         timings.update(clock)
-    print(f"wrote {sum(len(e['example_ids']) for e in entries)} images to {out}")
+    tqdm.write(f"wrote {sum(len(e['example_ids']) for e in entries)} images to {out}")
     return out
 
 

@@ -16,6 +16,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from patchsae.backbones import DEFAULT_BACKBONE, BackboneError
 from patchsae.config import ConfigError
 from patchsae.data.images import DataConfig, DataError
@@ -67,7 +69,7 @@ class QuickstartConfig:
 
 
 def _step(name: str, folder: Path) -> None:
-    print(f"\n== {name}: {folder}", flush=True)
+    tqdm.write(f"\n== {name}: {folder}")
 
 
 def _is_local(path: str) -> bool:
@@ -95,7 +97,7 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     _step("train", sae_dir)
     train_cfg = train_config(cfg, store, sae_dir, n_images, d_model)
     if _trained_images(sae_dir) >= train_cfg.total_images:
-        print(f"{sae_dir} is already trained ({train_cfg.total_images} images); nothing to do")
+        tqdm.write(f"{sae_dir} is already trained ({train_cfg.total_images} images); nothing to do")
     else:
         train(train_cfg, resume=True)
     held_out(cfg, sae_dir, out / "store-test")
@@ -105,7 +107,7 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     )
     _step("figures", out / "figures")
     for path in figures(atlas, out / "figures"):
-        print(path)
+        tqdm.write(str(path))
     return atlas
 
 
@@ -141,10 +143,12 @@ def held_out(cfg: QuickstartConfig, sae_dir: Path, store: Path) -> dict | None:
     _step("evaluate", store)
     local = Path(cfg.data).is_dir()
     if cfg.test_split is None or cfg.test_split == cfg.split:
-        print("no held-out split asked for: evaluation skipped")
+        tqdm.write("no held-out split asked for: evaluation skipped")
         return None
     if local and not (Path(cfg.data) / cfg.test_split).is_dir():
-        print(f"{cfg.data} has no {cfg.test_split!r} split folder: held-out evaluation skipped")
+        tqdm.write(
+            f"{cfg.data} has no {cfg.test_split!r} split folder: held-out evaluation skipped"
+        )
         return None
     from patchsae.data import open_images
 
@@ -154,11 +158,11 @@ def held_out(cfg: QuickstartConfig, sae_dir: Path, store: Path) -> dict | None:
         limit = cfg.test_limit if cfg.test_limit is not None and cfg.test_limit < n_test else None
         _extract(cfg, cfg.test_split, store, limit)
     except DataError as err:
-        print(f"held-out evaluation skipped: {err}")
+        tqdm.write(f"held-out evaluation skipped: {err}")
         return None
     result = evaluate(sae_dir, store, device=cfg.device)
     write_json(sae_dir / "eval-test.json", result)
-    print(format_table(result))
+    tqdm.write(format_table(result))
     return result
 
 
@@ -183,7 +187,7 @@ def figures(atlas_dir: Path, folder: Path) -> list[Path]:
         for job in jobs:
             made.append(job())
     except StatsError as err:
-        print(f"figures skipped: {err}")
+        tqdm.write(f"figures skipped: {err}")
     return made
 
 
@@ -243,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
 def _run(args: argparse.Namespace) -> int:
     atlas = run_pipeline(config_from_args(args))
     if args.no_explore:
-        print(f"\ndone; browse it with: patchsae explore --atlas {atlas}")
+        tqdm.write(f"\ndone; browse it with: patchsae explore --atlas {atlas}")
         return 0
     from patchsae.explore.cli import serve_explorer
     from patchsae.explore.core import open_model

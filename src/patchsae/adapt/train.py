@@ -348,7 +348,7 @@ def adapt_run(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> 
     busy = AdaptError(f"{out} is in use by another adapt run: wait for it or choose another out")
     with FolderLock(out, busy):
         if _prepare_out(cfg, out, plan, resume):
-            print(f"{out} is already complete; nothing to do")
+            tqdm.write(f"{out} is already complete; nothing to do")
             return out
         _train(cfg, out, source, plan, progress)
     return out

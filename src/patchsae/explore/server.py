@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from tqdm import tqdm
 
 from patchsae.cli import is_user_error
 from patchsae.explore.core import ExploreError
@@ -111,5 +112,5 @@ def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860) -> None
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    print(f"patchsae explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    tqdm.write(f"patchsae explorer on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(create_app(explorer), host=host, port=port, log_level="warning")

@@ -431,7 +431,7 @@ def _compute_locked(
         "options": options,
     }
     if _check_dataset(folder, plan):
-        print(f"{folder} is already complete; nothing to do")
+        tqdm.write(f"{folder} is already complete; nothing to do")
         return folder
     acc = LatentAccumulator(
         sae.cfg.d_sae,
@@ -476,8 +476,8 @@ def _compute_locked(
         timings.update(setup=t1 - t0, references=t3 - t2, write=time.perf_counter() - t3)
         timings["pass"] = t2 - t1
     for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {folder} ({int(acc.state['n_images'])} images)")
+        tqdm.write(f"note: {note}")
+    tqdm.write(f"wrote {folder} ({int(acc.state['n_images'])} images)")
     return folder
 
 

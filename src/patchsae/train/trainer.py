@@ -123,19 +123,19 @@ def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int)
 
 @torch.no_grad()
 def _init_b_dec(
-    cfg: TrainConfig, members: list[Member], x_first: torch.Tensor, d: ddp.Dist
+    cfg: TrainConfig, members: list[Member], x_first: torch.Tensor, dist: ddp.Dist
 ) -> None:
     """Set every SAE's b_dec from the first global batch (computed on rank 0, broadcast)."""
     cache: dict[torch.dtype, torch.Tensor] = {}
-    for m in members:
-        dtype = m.sae.dtype
+    for member in members:
+        dtype = member.sae.dtype
         if dtype not in cache:
-            b_dec = torch.zeros_like(m.sae.b_dec)
-            if d.is_main:
-                x = x_first.to(m.sae.b_dec.device, dtype)
+            b_dec = torch.zeros_like(member.sae.b_dec)
+            if dist.is_main:
+                x = x_first.to(member.sae.b_dec.device, dtype)
                 b_dec = init_b_dec(x, cfg.b_dec_init, maxiter=cfg.b_dec_init_maxiter)
-            cache[dtype] = ddp.broadcast_(b_dec.contiguous(), d)
-        m.sae.b_dec.copy_(cache[dtype])
+            cache[dtype] = ddp.broadcast_(b_dec.contiguous(), dist)
+        member.sae.b_dec.copy_(cache[dtype])
 
 
 def _prepare_out(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -169,12 +169,12 @@ def _prepare_out(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
 
 def _restore(state: dict[str, Any], members: list[Member]) -> None:
     tensors = state["tensors"]
-    for m in members:
-        n = m.ckpt_name
-        m.sae.load_state_dict(load_member(state["path"], n).state_dict())
-        load_optimizer(m.opt, tensors, state["members"][n]["param_groups"], n)
-        m.counters.copy_(tensors[f"{n}.counters"])
-        m.firing.load_state_dict(
+    for member in members:
+        n = member.ckpt_name
+        member.sae.load_state_dict(load_member(state["path"], n).state_dict())
+        load_optimizer(member.opt, tensors, state["members"][n]["param_groups"], n)
+        member.counters.copy_(tensors[f"{n}.counters"])
+        member.firing.load_state_dict(
             {"counts": tensors[f"{n}.firing.counts"], "tokens": tensors[f"{n}.firing.tokens"]}
         )
     restore_rng(tensors)
@@ -185,14 +185,14 @@ def _checkpoint(
 ) -> None:
     tensors = rng_tensors()
     meta = {}
-    for m in members:
-        n = m.ckpt_name
-        opt_tensors, groups = optimizer_tensors(m.opt, n)
+    for member in members:
+        n = member.ckpt_name
+        opt_tensors, groups = optimizer_tensors(member.opt, n)
         tensors.update(opt_tensors)
-        tensors[f"{n}.counters"] = m.counters.cpu().clone()
-        for key, value in m.firing.state_dict().items():
+        tensors[f"{n}.counters"] = member.counters.cpu().clone()
+        for key, value in member.firing.state_dict().items():
             tensors[f"{n}.firing.{key}"] = value.cpu().contiguous()
-        meta[n] = {"param_groups": groups, "sae": to_dict(m.sae.cfg)}
+        meta[n] = {"param_groups": groups, "sae": to_dict(member.sae.cfg)}
     state = {
         **progress,
         "lr_next": lr_at(cfg, progress["step"]),
@@ -200,7 +200,7 @@ def _checkpoint(
         "source": source.describe(),
         "config": to_dict(cfg),
     }
-    saes = {m.ckpt_name: m.sae for m in members}
+    saes = {member.ckpt_name: member.sae for member in members}
     write_checkpoint(Path(cfg.out), saes, tensors, state, {"trained_on": source.trained_on})
 
 
@@ -238,20 +238,26 @@ def _evaluate(
     """Score every SAE on the held-out images (read once, shared) and, with ``fidelity``, on
     the labelled images; rank 0 only (nothing here is a collective)."""
     held_out = list(source.eval_batches()) if cfg.eval_images else []
-    for m in members:
+    for member in members:
         record = {k: progress[k] for k in ("step", "images", "tokens")}
         if cfg.eval_images:
             metrics = reconstruction_metrics(
-                m.sae, held_out, source.eval_layout, device=m.counters.device, progress=False
+                member.sae,
+                held_out,
+                source.eval_layout,
+                device=member.counters.device,
+                progress=False,
             )
             record.update({f"eval/{k}": v for k, v in metrics.items()})
             diverging = progress["step"] > 0 and metrics["fvu"] > 1  # untrained SAEs may be > 1
-            warning = m.watch.observe("fvu", diverging, progress["step"], m.label, Path(cfg.out))
+            warning = member.watch.observe(
+                "fvu", diverging, progress["step"], member.label, Path(cfg.out)
+            )
             if warning:
                 record["warning"] = warning
         if fidelity is not None:
-            record.update({f"eval/fidelity/{k}": v for k, v in fidelity(m.sae).items()})
-        log.log(m, record)
+            record.update({f"eval/fidelity/{k}": v for k, v in fidelity(member.sae).items()})
+        log.log(member, record)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -262,30 +268,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     trains on its slice of every global batch; only rank 0 writes.
     """
     check_device(cfg.device)
-    d = ddp.setup(cfg.device)
+    dist = ddp.setup(cfg.device)
     clean = False
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     try:
         with contextlib.ExitStack() as held:
-            out = _train(cfg, resume, d, held)
+            out = _train(cfg, resume, dist, held)
         clean = True
         return out
     finally:
         torch.set_float32_matmul_precision(precision)
-        ddp.teardown(d, clean)
+        ddp.teardown(dist, clean)
 
 
-def _lock_run(out: Path, d: ddp.Dist, held: contextlib.ExitStack) -> None:
+def _lock_run(out: Path, dist: ddp.Dist, held: contextlib.ExitStack) -> None:
     """Rank 0 locks the run folder for the whole run (``held``); every rank learns whether it
     could, so a refused lock stops all ranks with one line instead of leaving them waiting."""
     refused = None
-    if d.is_main:
+    if dist.is_main:
         try:
             held.enter_context(_lock_out(out))
         except TrainingError as err:
             refused = err
-    locked = ddp.broadcast_(torch.tensor([refused is None], device=d.device), d)
+    locked = ddp.broadcast_(torch.tensor([refused is None], device=dist.device), dist)
     if refused is not None:
         raise refused
     if not bool(locked.item()):
@@ -303,34 +309,34 @@ def _lock_out(out: Path) -> FolderLock:
     return FolderLock(out, busy)
 
 
-def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitStack) -> Path:
+def _train(cfg: TrainConfig, resume: bool, dist: ddp.Dist, held: contextlib.ExitStack) -> Path:
     """The run; ``held`` keeps the run folder's lock (rank 0) until the caller's exit."""
     out = Path(cfg.out)
-    source = open_source(cfg, d.device)
-    _check_compatible(cfg, source, d.world_size)
-    fidelity = _fidelity_scorer(cfg, source, d.device)
+    source = open_source(cfg, dist.device)
+    _check_compatible(cfg, source, dist.world_size)
+    fidelity = _fidelity_scorer(cfg, source, dist.device)
     evaluating = bool(cfg.eval_images) or fidelity is not None
     tpi = source.tokens_per_image
     if cfg.batch_mode == "images":
-        d.slice(cfg.batch_images)
+        dist.slice(cfg.batch_images)
         tokens_per_step = cfg.batch_images * tpi
     else:
-        d.slice(cfg.batch_tokens)
+        dist.slice(cfg.batch_tokens)
         tokens_per_step = cfg.batch_tokens
     n_steps = plan_steps(cfg, tpi)
-    members = _build_members(cfg, d.device, tokens_per_step)
-    _lock_run(out, d, held)
+    members = _build_members(cfg, dist.device, tokens_per_step)
+    _lock_run(out, dist, held)
     state = _prepare_out(cfg, resume)
-    for warning in check_schedule(cfg, n_steps) if d.is_main else []:
+    for warning in check_schedule(cfg, n_steps) if dist.is_main else []:
         tqdm.write(f"warning: {warning}", file=sys.stderr)
-    ddp.barrier(d)
-    if d.is_main:
-        for m in members:
-            m.out_dir.mkdir(parents=True, exist_ok=True)
-            truncate_metrics(m.out_dir / METRICS, state["step"] if state else None)
+    ddp.barrier(dist)
+    if dist.is_main:
+        for member in members:
+            member.out_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(member.out_dir / METRICS, state["step"] if state else None)
         if not (out / TRAIN_CONFIG).is_file():
             write_json(out / TRAIN_CONFIG, {"format_version": 1, "config": to_dict(cfg)})
-    log = Logger(cfg, d.is_main)
+    log = Logger(cfg, dist.is_main)
     if state is None:
         progress = {"step": 0, "images": 0, "tokens": 0, "data_position": source.start_position()}
     else:
@@ -340,14 +346,14 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
     batches = source.batches(progress["data_position"])
     if progress["step"] == 0:
         first = next(batches)
-        _init_b_dec(cfg, members, first[0], d)
+        _init_b_dec(cfg, members, first[0], dist)
         batches = itertools.chain([first], batches)
-        if evaluating and d.is_main:
+        if evaluating and dist.is_main:
             _evaluate(cfg, members, source, fidelity, progress, log)
     if cfg.prefetch_batches:
-        batches = Prefetcher(batches, cfg.prefetch_batches, pin=d.device.type == "cuda")
+        batches = Prefetcher(batches, cfg.prefetch_batches, pin=dist.device.type == "cuda")
     bar = tqdm(
-        total=n_steps, initial=progress["step"], unit="step", disable=not d.is_main, desc="train"
+        total=n_steps, initial=progress["step"], unit="step", disable=not dist.is_main, desc="train"
     )
     t0, tokens0, waited = time.perf_counter(), progress["tokens"], 0.0
     try:
@@ -355,9 +361,9 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             start = time.perf_counter()
             x_global, position = next(batches)
             waited += time.perf_counter() - start
-            x = x_global[d.slice(x_global.shape[0])].to(d.device, non_blocking=True)
+            x = x_global[dist.slice(x_global.shape[0])].to(dist.device, non_blocking=True)
             step = progress["step"]
-            records = [train_step(cfg, m, x, step, d) for m in members]
+            records = [train_step(cfg, member, x, step, dist) for member in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
             progress["step"] = step + 1
             progress["tokens"] += n_tokens
@@ -373,36 +379,36 @@ def _train(cfg: TrainConfig, resume: bool, d: ddp.Dist, held: contextlib.ExitSta
             logging = progress["step"] % cfg.log_every == 0 or done
             saving = progress["step"] % cfg.checkpoint_every == 0 or done
             if logging or saving:
-                for m in members:
-                    check_finite(m.sae, m.opt, progress["step"], m.label, out)
+                for member in members:
+                    check_finite(member.sae, member.opt, progress["step"], member.label, out)
             if logging:
-                for m, record in zip(members, records, strict=True):
+                for member, record in zip(members, records, strict=True):
                     head = {k: progress[k] for k in ("step", "images", "tokens")}
                     line = {
                         **head,
                         **record,
-                        **m.firing.fractions(),
+                        **member.firing.fractions(),
                         "tokens_per_s": rate,
                         "input_wait_s": waited,
                         "elapsed_s": elapsed,
                     }
-                    warning = m.watch.observe(
-                        "dead", line["frac_dead"] >= 1.0, progress["step"], m.label, out
+                    warning = member.watch.observe(
+                        "dead", line["frac_dead"] >= 1.0, progress["step"], member.label, out
                     )
-                    log.log(m, {**line, "warning": warning} if warning else line)
-            if evaluating and d.is_main and (progress["step"] % cfg.eval_every == 0 or done):
+                    log.log(member, {**line, "warning": warning} if warning else line)
+            if evaluating and dist.is_main and (progress["step"] % cfg.eval_every == 0 or done):
                 _evaluate(cfg, members, source, fidelity, progress, log)
-            if d.is_main and saving:
+            if dist.is_main and saving:
                 _checkpoint(cfg, members, progress, source)
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
         bar.close()
         log.close()
-    if d.is_main:
-        for m in members:
+    if dist.is_main:
+        for member in members:
             counts = {k: progress[k] for k in ("step", "images", "tokens")}
-            save(m.sae, m.out_dir, extra={**counts, "trained_on": source.trained_on})
+            save(member.sae, member.out_dir, extra={**counts, "trained_on": source.trained_on})
         if source.bad:
             write_bad_report(list(source.bad), out / "bad_images.json")
     return out
