@@ -1,5 +1,6 @@
-"""Suite-wide settings: every test runs with one torch thread; the shared golden step fixture;
-under ``CI=true`` a missing ../shared fails the run instead of skipping the tests that need it.
+"""Suite-wide settings: every test runs with one torch thread and with the jaxtyping shape
+annotations checked (``patchsae.shapes``); the shared golden step fixture; under ``CI=true`` a
+missing ../shared fails the run instead of skipping the tests that need it.
 
 Equality tests compare runs made in this process with runs made in subprocesses started with
 OMP_NUM_THREADS=1; a different thread count changes float summation order, so a test that
@@ -8,9 +9,11 @@ wants more threads must not leak its setting to the tests after it.
 
 import os
 
-import pytest
-import torch
-from safetensors.torch import load_file
+os.environ["PATCHSAE_CHECK_SHAPES"] = "1"  # before patchsae is imported: see patchsae.shapes
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from assets import CLIP_TOKENIZER, DINOV2, FASHION_MNIST, GOLDEN_CHECKPOINT, GOLDEN_STEP, SHARED
 

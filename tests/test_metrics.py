@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from jaxtyping import TypeCheckError
 
 from assets import CLIP_TOKENIZER, FASHION_MNIST
 from patchsae.backbones import TokenLayout
@@ -174,8 +175,10 @@ def test_firing_fractions_thresholds():
     freqs = torch.tensor([0.0, 5e-8, 1e-7, 1e-3, 1e-2, 0.5], dtype=torch.float64)
     got = firing_fractions(freqs)
     assert got == {"frac_dead": 1 / 6, "frac_almost_dead": 2 / 6, "frac_dense": 1 / 6}
-    with pytest.raises(MetricsError, match="frequency vector"):
+    with pytest.raises(TypeCheckError, match="freqs_m"):  # the (d_sae,) annotation
         firing_fractions(torch.zeros(2, 3))
+    with pytest.raises(MetricsError, match="non-empty"):
+        firing_fractions(torch.zeros(0))
 
 
 def test_reconstruction_rejects_bad_input():

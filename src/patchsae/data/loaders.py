@@ -11,10 +11,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 
 from patchsae.data.rebatch import rebatch
 from patchsae.data.shuffle import epoch_order, shuffle_window_tokens, window_positions
 from patchsae.data.store import ActivationStore, StoreError
+from patchsae.shapes import shaped
 
 
 def _check_seed(name: str, seed: int | None) -> None:
@@ -140,7 +142,10 @@ def image_batches_from_store(
         yield _read_images(store, images, layer)
 
 
-def _read_images(store: ActivationStore, images: np.ndarray, layer: int) -> torch.Tensor:
+@shaped
+def _read_images(
+    store: ActivationStore, images: Int[np.ndarray, " images"], layer: int
+) -> Float[torch.Tensor, "images tokens d_model"]:
     """(len(images), T, D) float32 activations in the order of ``images`` (repeats allowed)."""
     unique, inverse = np.unique(images, return_inverse=True)
     acts = store.take(unique, layer)

@@ -9,14 +9,18 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+from jaxtyping import Float, Int
+
+from patchsae.shapes import shaped
 
 DEAD = 0.0
 ALMOST_DEAD = 1e-7
 DENSE = 1e-2
 
 
+@shaped
 def firing_fractions(
-    freqs_m: torch.Tensor,
+    freqs_m: Float[torch.Tensor, " d_sae"],
     *,
     dead: float = DEAD,
     almost_dead: float = ALMOST_DEAD,
@@ -28,8 +32,8 @@ def firing_fractions(
     Returns ``frac_dead`` (frequency <= dead), ``frac_almost_dead`` (frequency < almost_dead,
     dead latents included) and ``frac_dense`` (frequency > dense).
     """
-    if freqs_m.ndim != 1 or freqs_m.numel() == 0:
-        raise MetricsError(f"expected a non-empty (d_sae,) frequency vector, got {freqs_m.shape}")
+    if freqs_m.numel() == 0:
+        raise MetricsError("expected a non-empty (d_sae,) frequency vector, got an empty one")
     return {
         "frac_dead": (freqs_m <= dead).double().mean().item(),
         "frac_almost_dead": (freqs_m < almost_dead).double().mean().item(),
@@ -71,7 +75,8 @@ class FiringWindow:
         """Whether the window spans at least ``window_tokens`` tokens."""
         return self._n_tokens >= self.window_tokens
 
-    def update(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+    @shaped
+    def update(self, fire_counts: Int[torch.Tensor, " d_sae"], n_tokens: int) -> None:
         """Add one step: fire_counts (d_sae,) integer firings per latent over n_tokens tokens."""
         if fire_counts.shape != (self.d_sae,):
             raise MetricsError(
@@ -88,7 +93,8 @@ class FiringWindow:
             self._counts_m -= old_m
             self._n_tokens -= old_n
 
-    def counts(self) -> torch.Tensor:
+    @shaped
+    def counts(self) -> Int[torch.Tensor, " d_sae"]:
         """(d_sae,) int64 firings per latent over the window."""
         if self._counts_m is None:
             raise MetricsError(
@@ -96,7 +102,8 @@ class FiringWindow:
             )
         return self._counts_m.clone()
 
-    def frequencies(self) -> torch.Tensor:
+    @shaped
+    def frequencies(self) -> Float[torch.Tensor, " d_sae"]:
         """(d_sae,) float64 token-level firing frequency of each latent over the window."""
         return self.counts().double() / self._n_tokens
 

@@ -12,9 +12,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 from tqdm import tqdm
 
 from patchsae.metrics.firing import MetricsError, firing_fractions
+from patchsae.shapes import shaped
 
 if TYPE_CHECKING:
     from patchsae.backbones import TokenLayout
@@ -32,7 +34,10 @@ class _Sums:
         self.sum_sq = 0.0
         self.cos_sum = 0.0
 
-    def update(self, x_nd: torch.Tensor, x_hat_nd: torch.Tensor) -> None:
+    @shaped
+    def update(
+        self, x_nd: Float[torch.Tensor, "n d"], x_hat_nd: Float[torch.Tensor, "n d"]
+    ) -> None:
         n_b = x_nd.shape[0]
         mean_b = x_nd.mean(0)
         m2_b = (x_nd - mean_b).square().sum(0)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from patchsae.sae import kernels, recipe
 from patchsae.sae.config import SAEConfig
+from patchsae.shapes import shaped
 
 
 @dataclass
@@ -66,7 +68,8 @@ class SAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
 
-    def _flat(self, x: Tensor) -> Tensor:
+    @shaped
+    def _flat(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "n d_in"]:
         """x (..., d_in) -> (n, d_in) in the parameters' dtype; clear error on a wrong width."""
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
@@ -75,16 +78,18 @@ class SAE(nn.Module):
             )
         return x.reshape(-1, self.cfg.d_in).to(self.dtype)
 
-    def pre_acts(self, x: Tensor) -> Tensor:
+    @shaped
+    def pre_acts(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """hidden_pre (..., d_sae) = (x - b_dec) @ W_enc + b_enc for x (..., d_in)."""
         pre = kernels.encode_pre(self._flat(x), self.W_enc, self.b_enc, self.b_dec)
         return pre.reshape(*x.shape[:-1], self.cfg.d_sae)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """codes (..., d_sae) for x (..., d_in); pure inference, each token on its own."""
         raise NotImplementedError
 
-    def decode(self, codes: Tensor) -> Tensor:
+    @shaped
+    def decode(self, codes: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_in"]:
         """x_hat (..., d_in) = codes @ W_dec + b_dec for codes (..., d_sae).
 
         Without autograd on the codes, sparse codes only touch their active decoder rows.
@@ -96,7 +101,8 @@ class SAE(nn.Module):
             x_hat = kernels.decode(codes_nm, self.W_dec, self.b_dec)
         return x_hat.reshape(*codes.shape[:-1], self.cfg.d_in)
 
-    def forward(self, x: Tensor) -> Tensor:
+    @shaped
+    def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_in"]:
         """x_hat (..., d_in): decode(encode(x))."""
         return self.decode(self.encode(x))
 

@@ -21,7 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
+
+from patchsae.shapes import shaped
 
 InitMethod = Literal["geometric_median_images", "geometric_median_tokens", "mean", "zeros"]
 INIT_METHODS: tuple[str, ...] = (
@@ -89,7 +92,10 @@ def geometric_median(
     return median, torch.tensor(log, dtype=torch.float64)
 
 
-def init_b_dec(acts: Tensor, method: InitMethod, maxiter: int = 100) -> Tensor:
+@shaped
+def init_b_dec(
+    acts: Float[Tensor, "*batch d_model"], method: str, maxiter: int = 100
+) -> Float[Tensor, " d_model"]:
     """Initial decoder bias (d,) from a batch of activations.
 
     - ``geometric_median_images`` (PatchSAE): acts (B, T, d); the geometric median of the B

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from patchsae.sae import kernels
 from patchsae.sae.base import SAE, LossOutput
 from patchsae.sae.config import JumpReLUConfig
 from patchsae.sae.registry import register_sae
+from patchsae.shapes import shaped
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -61,12 +63,18 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
-def jumprelu(acts: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+@shaped
+def jumprelu(
+    acts: Float[Tensor, "*batch d_sae"], theta: Float[Tensor, " d_sae"], bandwidth: float
+) -> Float[Tensor, "*batch d_sae"]:
     """``acts * H(acts - theta)``; acts (..., m), theta (m,); STE gradient for theta."""
     return _JumpReLU.apply(acts, theta, bandwidth)
 
 
-def step(acts: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+@shaped
+def step(
+    acts: Float[Tensor, "*batch d_sae"], theta: Float[Tensor, " d_sae"], bandwidth: float
+) -> Float[Tensor, "*batch d_sae"]:
     """``H(acts - theta)`` as acts' dtype; STE gradient for theta, none for acts."""
     return _Step.apply(acts, theta, bandwidth)
 
@@ -83,7 +91,8 @@ class JumpReLUSAE(SAE):
         init = math.log(cfg.jumprelu_threshold_init)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init, dtype=self.dtype))
 
-    def encode(self, x: Tensor) -> Tensor:
+    @shaped
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """codes (..., d_sae) = a * (a > theta), a = ReLU(pre_acts(x))."""
         acts = torch.relu(self.pre_acts(x))
         return acts * (acts > self.log_threshold.exp())

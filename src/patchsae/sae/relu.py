@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from patchsae.sae import kernels, recipe
 from patchsae.sae.base import SAE, LossOutput
 from patchsae.sae.config import ReluConfig
 from patchsae.sae.registry import register_sae
+from patchsae.shapes import shaped
 
 
 @register_sae("relu")
@@ -22,7 +24,8 @@ class ReluSAE(SAE):
     config_class = ReluConfig
     cfg: ReluConfig
 
-    def encode(self, x: Tensor) -> Tensor:
+    @shaped
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """codes (..., d_sae) = ReLU(pre_acts(x))."""
         return torch.relu(self.pre_acts(x))
 

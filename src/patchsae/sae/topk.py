@@ -10,15 +10,20 @@ batch is the mean of the losses of equal slices of it (data parallel training is
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from patchsae.sae import kernels
 from patchsae.sae.base import SAE, LossOutput
 from patchsae.sae.config import BatchTopKConfig, TopKConfig
 from patchsae.sae.registry import register_sae
+from patchsae.shapes import shaped
 
 
-def normalized_mse(x_hat_nd: Tensor, x_nd: Tensor) -> Tensor:
+@shaped
+def normalized_mse(
+    x_hat_nd: Float[Tensor, "n d_in"], x_nd: Float[Tensor, "n d_in"]
+) -> Float[Tensor, ""]:
     """``mean_n ||x_hat_n - x_n||^2 / ||x_n||^2`` over the n tokens of (n, d) inputs.
 
     A token with ``x_n = 0`` contributes 0 (and still counts in the mean).
@@ -29,7 +34,13 @@ def normalized_mse(x_hat_nd: Tensor, x_nd: Tensor) -> Tensor:
     return torch.where(norm_n > 0, ratio_n, 0).mean()
 
 
-def auxk_loss(pre_dead: Tensor, W_dec_dead: Tensor, residual_nd: Tensor, aux_k: int) -> Tensor:
+@shaped
+def auxk_loss(
+    pre_dead: Float[Tensor, "n n_dead"],
+    W_dec_dead: Float[Tensor, "n_dead d_in"],
+    residual_nd: Float[Tensor, "n d_in"],
+    aux_k: int,
+) -> Float[Tensor, ""]:
     """AuxK: reconstruct the detached residual ``x - x_hat`` (n, d) from dead latents only.
 
     ``pre_dead`` (n, n_dead) and ``W_dec_dead`` (n_dead, d) are the dead latents'
@@ -81,7 +92,8 @@ class _KSparseSAE(SAE):
 class TopKSAE(_KSparseSAE):
     """Per-token TopK: the k largest pre-activations of each token, ReLU applied."""
 
-    def encode(self, x: Tensor) -> Tensor:
+    @shaped
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """codes (..., d_sae) with at most k nonzeros per token."""
         pre = self.pre_acts(x)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
@@ -112,7 +124,8 @@ class BatchTopKSAE(_KSparseSAE):
         self.register_buffer("threshold", torch.zeros((), dtype=self.dtype))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))
 
-    def encode(self, x: Tensor) -> Tensor:
+    @shaped
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """codes (..., d_sae) = a * (a > threshold) with a = ReLU(pre_acts(x))."""
         acts = torch.relu(self.pre_acts(x))
         return acts * (acts > self.threshold)
