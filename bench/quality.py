@@ -20,7 +20,9 @@ tokens).
 Keys of the last line: ``topk_fvu_vs_saelens`` (ours / theirs at k=32; target <= 1.0),
 ``topk_dead_frac`` (ours, held out; target <= 0.01), ``relu_fvu_at_saelens_l0`` (ours at
 SAELens's L0, interpolated in log L0 between our L1 sweep's points, / theirs; target <= 1.0),
-plus ``topk_l0``, ``saelens_topk_fvu``, ``saelens_relu_l0``, ``steps``, ``tokens``. The frontier
+plus ``topk_l0``, ``saelens_topk_fvu``, ``saelens_relu_l0``, ``relu_l0_bracketed`` (whether
+SAELens's L0 lies inside our sweep, i.e. interpolated rather than extrapolated), ``steps``,
+``tokens``. The frontier
 (FVU vs L0 of every SAE trained) is printed as a table and drawn to ``--plot`` (PNG).
 """
 
@@ -208,7 +210,9 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=3072)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--l1s", type=float, nargs="+", default=[4e-5, 8e-5, 1.6e-4])
+    parser.add_argument(
+        "--l1s", type=float, nargs="+", default=[4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4]
+    )
     parser.add_argument("--saelens-l1", type=float, default=5.0)
     parser.add_argument("--plot", default="quality_frontier.png")
     args = parser.parse_args()
@@ -273,6 +277,9 @@ def main() -> None:
         "topk_l0": round(ours_topk["l0"], 1),
         "saelens_topk_fvu": round(theirs_topk["fvu"], 4),
         "saelens_relu_l0": round(theirs_relu["l0"], 1),
+        "relu_l0_bracketed": min(p[0] for p in relu_points)
+        <= theirs_relu["l0"]
+        <= max(p[0] for p in relu_points),
         "steps": total // BATCH_TOKENS,
         "tokens": total,
     }
