@@ -9,11 +9,13 @@ the test store by ``patchsae.metrics.reconstruction_metrics`` (SAELens SAEs are 
 ``patchsae.sae.load``, the importer): held-out FVU, L0 and dead fraction (no firing on the test
 tokens).
 
-- Ours: ``patchsae.train.train`` with each architecture's defaults (``topk``: tied init, AuxK;
-  ``relu``: the PatchSAE recipe, ghost grads) at lr 4e-4, warm-up 5% of the run, ``b_dec`` from
+- Ours: ``patchsae.train.train`` with each architecture's defaults (``topk`` / ``batchtopk``:
+  tied init, AuxK; ``jumprelu``: tied init, its L0 coefficient; ``relu``: the PatchSAE recipe,
+  ghost grads) at lr 4e-4, warm-up 5% of the run, ``b_dec`` from
   the geometric median of the first batch's tokens, dead window 64 steps.
-- SAELens (installed version): ``TopKTrainingSAE`` / ``StandardTrainingSAE`` with their default
-  configs, Adam at SAELens's default lr 3e-4, ``b_dec`` zero, trained by the loop of SAELens's
+- SAELens (installed version): ``TopKTrainingSAE``, ``BatchTopKTrainingSAE``,
+  ``JumpReLUTrainingSAE`` and ``StandardTrainingSAE`` with their default configs and loss
+  coefficients, Adam at SAELens's default lr 3e-4, ``b_dec`` zero, trained by the loop of SAELens's
   ``SAETrainer`` (forward, backward, step; dead-neuron mask = no firing for more than the same 64
   steps as ours, since SAELens's default window of 1,000 steps is longer than this run).
 
@@ -22,7 +24,9 @@ Keys of the last line: ``topk_fvu_vs_saelens`` (ours / theirs at k=32; target <=
 SAELens's L0, interpolated in log L0 between our L1 sweep's points, / theirs; target <= 1.0),
 plus ``topk_l0``, ``saelens_topk_fvu``, ``saelens_relu_l0``, ``relu_l0_bracketed`` (whether
 SAELens's L0 lies inside our sweep, i.e. interpolated rather than extrapolated), ``steps``,
-``tokens``. The frontier
+``tokens``, and for ``batchtopk`` (k=32) and ``jumprelu`` (each side's defaults)
+``<arch>_fvu_vs_saelens``, ``<arch>_l0`` and ``saelens_<arch>_l0`` (JumpReLU's L0 is whatever each
+side's default sparsity coefficient gives, so its FVU ratio is not at matched L0). The frontier
 (FVU vs L0 of every SAE trained) is printed as a table and drawn to ``--plot`` (PNG).
 """
 
@@ -107,26 +111,29 @@ def train_ours(work: Path, store: Path, sae: dict, total_tokens: int) -> Path:
     return train(cfg, resume=True)
 
 
+SAELENS = {
+    "topk": ("topk_sae", "TopKTrainingSAE"),
+    "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE"),
+    "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE"),
+    "relu": ("standard_sae", "StandardTrainingSAE"),
+}
+
+
 def train_saelens(work: Path, store: Path, arch: str, option: dict, total_tokens: int) -> Path:
-    """Train SAELens's training SAE on the trainer's batches; returns its saved folder."""
+    """Train SAELens's training SAE of ``arch`` (``option``: its config fields) on the trainer's
+    batches with SAELens's own loss coefficients; returns its saved folder."""
+    import importlib
+
     from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     out = work / (f"saelens-{arch}-" + "-".join(f"{k}{v}" for k, v in sorted(option.items())))
     if (out / "cfg.json").is_file():
         return out
+    module, name = SAELENS[arch]
+    classes = importlib.import_module(f"sae_lens.saes.{module}")
     torch.manual_seed(0)
-    if arch == "topk":
-        sae = TopKTrainingSAE(
-            TopKTrainingSAEConfig(d_in=D_IN, d_sae=option["d_sae"], k=option["k"])
-        )
-        coefficients: dict[str, float] = {}
-    else:
-        sae = StandardTrainingSAE(
-            StandardTrainingSAEConfig(d_in=D_IN, d_sae=option["d_sae"], l1_coefficient=option["l1"])
-        )
-        coefficients = {"l1": option["l1"]}
+    sae = getattr(classes, name)(getattr(classes, f"{name}Config")(d_in=D_IN, **option))
+    coefficients = {key: c.value for key, c in sae.get_coefficients().items()}
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
     source = open_source(
         TrainConfig(
@@ -181,9 +188,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    archs = ("topk", "batchtopk", "jumprelu", "relu")
     for (side, arch), marker in zip(
-        [("ours", "topk"), ("ours", "relu"), ("saelens", "topk"), ("saelens", "relu")],
-        "os^v",
+        [(side, arch) for side in ("ours", "saelens") for arch in archs],
+        ["o", "D", "P", "s", "^", "d", "X", "v"],
         strict=True,
     ):
         sel = [r for r in rows if r["side"] == side and r["arch"] == arch]
@@ -242,25 +250,32 @@ def main() -> None:
                 **held_out(folder, test_store),
             }
         )
-    folder = train_saelens(work, train_store, "topk", {"d_sae": args.d_sae, "k": 32}, total)
-    rows.append(
-        {"side": "saelens", "arch": "topk", "setting": "k=32", **held_out(folder, test_store)}
-    )
-    folder = train_saelens(
-        work, train_store, "relu", {"d_sae": args.d_sae, "l1": args.saelens_l1}, total
-    )
-    rows.append(
-        {
-            "side": "saelens",
-            "arch": "relu",
-            "setting": f"l1={args.saelens_l1:g}",
-            **held_out(folder, test_store),
-        }
-    )
+    for arch in ("batchtopk", "jumprelu"):
+        option = {"arch": arch, "d_sae": args.d_sae, **({"k": 32} if arch == "batchtopk" else {})}
+        folder = train_ours(work, train_store, option, total)
+        setting = "k=32" if arch == "batchtopk" else "defaults"
+        rows.append(
+            {"side": "ours", "arch": arch, "setting": setting, **held_out(folder, test_store)}
+        )
+    theirs = [
+        ("topk", {"d_sae": args.d_sae, "k": 32}, "k=32"),
+        ("batchtopk", {"d_sae": args.d_sae, "k": 32}, "k=32"),
+        ("jumprelu", {"d_sae": args.d_sae}, "defaults"),
+        (
+            "relu",
+            {"d_sae": args.d_sae, "l1_coefficient": args.saelens_l1},
+            f"l1={args.saelens_l1:g}",
+        ),
+    ]
+    for arch, option, setting in theirs:
+        folder = train_saelens(work, train_store, arch, option, total)
+        rows.append(
+            {"side": "saelens", "arch": arch, "setting": setting, **held_out(folder, test_store)}
+        )
 
-    print(f"{'side':8} {'arch':5} {'setting':12} {'FVU':>8} {'L0':>8} {'dead':>7}")
+    print(f"{'side':8} {'arch':9} {'setting':12} {'FVU':>8} {'L0':>8} {'dead':>7}")
     for r in rows:
-        name = f"{r['side']:8} {r['arch']:5} {r['setting']:12}"
+        name = f"{r['side']:8} {r['arch']:9} {r['setting']:12}"
         print(f"{name} {r['fvu']:8.4f} {r['l0']:8.1f} {r['frac_dead']:7.3%}")
     plot(rows, Path(args.plot))
     print(f"frontier plot: {args.plot}")
@@ -269,6 +284,13 @@ def main() -> None:
     theirs_relu = next(r for r in rows if r["side"] == "saelens" and r["arch"] == "relu")
     relu_points = [(r["l0"], r["fvu"]) for r in rows if r["side"] == "ours" and r["arch"] == "relu"]
     ours_at_l0 = interpolate_fvu(relu_points, theirs_relu["l0"])
+    extra = {}
+    for arch in ("batchtopk", "jumprelu"):
+        mine = next(r for r in rows if r["side"] == "ours" and r["arch"] == arch)
+        other = next(r for r in rows if r["side"] == "saelens" and r["arch"] == arch)
+        extra[f"{arch}_fvu_vs_saelens"] = round(mine["fvu"] / other["fvu"], 4)
+        extra[f"{arch}_l0"] = round(mine["l0"], 1)
+        extra[f"saelens_{arch}_l0"] = round(other["l0"], 1)
     result = {
         "bench": "quality",
         "topk_fvu_vs_saelens": round(ours_topk["fvu"] / theirs_topk["fvu"], 4),
@@ -280,6 +302,7 @@ def main() -> None:
         "relu_l0_bracketed": min(p[0] for p in relu_points)
         <= theirs_relu["l0"]
         <= max(p[0] for p in relu_points),
+        **extra,
         "steps": total // BATCH_TOKENS,
         "tokens": total,
     }
