@@ -12,12 +12,12 @@ from assets import DINOV2, FASHION_MNIST
 from patchsae.config import from_dict
 from patchsae.data.images import DataConfig
 from patchsae.data.store import ActivationStore
+from patchsae.ddp import Dist
 from patchsae.extract import ExtractConfig, extract
 from patchsae.metrics.firing import FiringWindow
 from patchsae.sae import make_sae
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.train import TrainConfig
-from patchsae.train.ddp import Dist
 from patchsae.train.optim import adam
 from patchsae.train.step import Member, lr_at, train_step
 

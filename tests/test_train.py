@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from assets import GOLDEN_STEP
+from patchsae import ddp
 from patchsae.cli import main
 from patchsae.config import ConfigError, from_dict, load_config, to_dict
 from patchsae.data.loaders import image_batches_from_store
@@ -26,7 +27,7 @@ from patchsae.sae.config import SAEConfig
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.io import load
 from patchsae.sae.registry import make_sae
-from patchsae.train import TrainConfig, ddp, train, trainer
+from patchsae.train import TrainConfig, train, trainer
 from patchsae.train.checkpoint import write_checkpoint
 from patchsae.train.optim import adam
 from patchsae.train.sources import open_source

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from patchsae import ddp
 from patchsae.backbones import Backbone, load_backbone
 from patchsae.config import ConfigError, load_config, to_dict
 from patchsae.data.images import (
@@ -33,7 +34,14 @@ from patchsae.data.images import (
     open_images,
     shuffled_order,
 )
-from patchsae.data.store import BAD_IMAGES, FORMAT_VERSION, StoreMetadata, StoreWriter, to_storage
+from patchsae.data.store import (
+    BAD_IMAGES,
+    FORMAT_VERSION,
+    StoreError,
+    StoreMetadata,
+    StoreWriter,
+    to_storage,
+)
 from patchsae.paths import resolve_local
 
 
@@ -128,12 +136,50 @@ def _print_bad(bad: list[BadRecord], out: Path) -> None:
 def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> Path:
     """Write (or finish) the store ``cfg.out``; returns its path.
 
+    Under ``torchrun`` (several processes) rank r computes the unfinished shards ``k`` with
+    ``k % world_size == r``; rank 0 opens, checks and locks the folder first and writes the index
+    and metadata once every rank is done. Shard bytes do not depend on the rank that computed
+    them, so the store equals a single-process run's on the same device type and thread count.
+
     ``timings``, when given, receives seconds spent: ``total``; ``setup`` (opening the images,
     loading the backbone, checking the folder); ``loop`` (the shards), split into ``forward``
     (model forward, conversion of the activations to the storage dtype on the model's device,
     copy to CPU), ``write`` (shard files) and ``load``
     (waiting for decoded, preprocessed batches); ``finalize`` (index files and metadata).
     """
+    dist = ddp.setup(cfg.device)
+    clean = False
+    try:
+        out = _extract(cfg, dist, timings)
+        clean = True
+        return out
+    finally:
+        ddp.teardown(dist, clean)
+
+
+def _open_writer(out: Path, plan: StoreMetadata, dist: ddp.Dist) -> StoreWriter:
+    """Rank 0 opens (checks, locks) the store; the other ranks attach once it has. A refusal on
+    rank 0 stops every rank with one line instead of leaving them waiting."""
+    writer, refused = None, None
+    if dist.is_main:
+        try:
+            writer = StoreWriter(out, plan)
+        except (StoreError, OSError) as err:
+            refused = err
+    flags = [refused is None, writer is not None and writer.complete]
+    opened = ddp.broadcast_(torch.tensor(flags, dtype=torch.int64, device=dist.device), dist)
+    if refused is not None:
+        raise refused
+    if not bool(opened[0]):
+        raise StoreError(f"rank 0 could not open the store {out}: see its error")
+    if writer is None:
+        writer = StoreWriter(out, plan, attach=True)
+        writer.complete = bool(opened[1])
+    return writer
+
+
+def _extract(cfg: ExtractConfig, dist: ddp.Dist, timings: dict[str, float] | None) -> Path:
+    """``extract`` on this rank of ``dist``."""
     t_start = time.perf_counter()
     clock = {"forward": 0.0, "write": 0.0, "load": 0.0}
     source = open_images(cfg.data)
@@ -145,14 +191,15 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
                 f"(split {cfg.data.split}); lower --limit or omit it"
             )
         order = order[: cfg.limit]
-    backbone = load_backbone(cfg.model, device=cfg.device, dtype=torch.float32)
+    backbone = load_backbone(cfg.model, device=str(dist.device), dtype=torch.float32)
     plan = _plan(cfg, backbone, source, len(order))
     out = Path(cfg.out)
-    with StoreWriter(out, plan) as writer:
+    with _open_writer(out, plan, dist) as writer:
         if writer.complete:
-            tqdm.write(
-                f"{out} is already complete ({plan.n_planned} images planned); nothing to do"
-            )
+            if dist.is_main:
+                tqdm.write(
+                    f"{out} is already complete ({plan.n_planned} images planned); nothing to do"
+                )
             return out
         if writer.damage is not None:
             tqdm.write(f"{out} is damaged ({writer.damage}): recomputing the damaged files")
@@ -161,10 +208,18 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
             tqdm.write(
                 f"{out} was started before EXIF orientation was applied: resuming it on raw pixels"
             )
-        entries = [writer.shard_entry(k) for k in range(plan.n_shards)]
-        todo = [k for k, entry in enumerate(entries) if entry is None]
-        done_images = sum(len(e["example_ids"]) + len(e["bad"]) for e in entries if e)
-        bar = tqdm(total=len(order), initial=done_images, unit="img", desc="extract")
+        mine = [k for k in range(plan.n_shards) if k % dist.world_size == dist.rank]
+        entries = {k: writer.shard_entry(k) for k in mine}
+        todo = [k for k in mine if entries[k] is None]
+        done_images = sum(len(e["example_ids"]) + len(e["bad"]) for e in entries.values() if e)
+        planned = sum(len(order[k * cfg.shard_images : (k + 1) * cfg.shard_images]) for k in mine)
+        bar = tqdm(
+            total=planned,
+            initial=done_images,
+            unit="img",
+            desc="extract",
+            disable=not dist.is_main,
+        )
         t_loop = time.perf_counter()
         for run in _contiguous_runs(todo):
             lo, hi = run[0] * cfg.shard_images, (run[-1] + 1) * cfg.shard_images
@@ -176,8 +231,18 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
                 entries[k] = _extract_shard(cfg, backbone, batches, writer, k, ids, bar, clock)
         bar.close()
         t_finalize = time.perf_counter()
-        bad = [BadRecord(**record) for entry in entries for record in entry["bad"]]
-        writer.finalize(entries, bad)
+        ddp.barrier(dist)
+        if not dist.is_main:
+            return out
+        every = [entries.get(k) or writer.shard_entry(k) for k in range(plan.n_shards)]
+        missing = [k for k, entry in enumerate(every) if entry is None]
+        if missing:
+            raise StoreError(
+                f"shards {missing[:5]} of {out} are not complete after every rank finished; "
+                "rerun the same command to recompute them"
+            )
+        bad = [BadRecord(**record) for entry in every for record in entry["bad"]]
+        writer.finalize(every, bad)
     _print_bad(bad, out)
     t_end = time.perf_counter()
     clock.update(
@@ -188,7 +253,7 @@ def extract(cfg: ExtractConfig, *, timings: dict[str, float] | None = None) -> P
     )
     if timings is not None:
         timings.update(clock)
-    tqdm.write(f"wrote {sum(len(e['example_ids']) for e in entries)} images to {out}")
+    tqdm.write(f"wrote {sum(len(e['example_ids']) for e in every)} images to {out}")
     return out
 
 

@@ -345,14 +345,25 @@ class StoreWriter:
     Opening a folder that holds a store of another plan raises :class:`StoreError` naming the keys
     that differ. While the writer is open, the folder is locked (``patchsae.lock.FolderLock``):
     a second writer on the same folder, in this process or another, is refused.
+
+    ``attach=True`` joins a store that another process of the same ``torchrun`` extraction (rank
+    0) has opened, checked and locked: no lock and no folder check; the plan is read back from its
+    ``metadata.json``, so every rank writes with the plan rank 0 resumed.
     """
 
-    def __init__(self, root: str | os.PathLike, plan: StoreMetadata) -> None:
+    def __init__(
+        self, root: str | os.PathLike, plan: StoreMetadata, *, attach: bool = False
+    ) -> None:
         self.root = Path(root)
         self.plan = plan.to_dict()
         self._folder_lock: FolderLock | None = None
         self._verified: dict[tuple[str, int, int], str | None] = {}  # checksum results
         self.damage: str | None = None  # why a complete store had to be reopened
+        if attach:
+            existing = _read_metadata(self.root / METADATA)
+            self.plan = {k: v for k, v in existing.items() if k not in RESULT_KEYS}
+            self.complete = False
+            return
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"--out {self.root} is a file, not a folder; pass a store folder")
         self.root.mkdir(parents=True, exist_ok=True)

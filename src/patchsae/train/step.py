@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchsae import ddp
 from patchsae.metrics.firing import FiringWindow
-from patchsae.train import ddp
 from patchsae.train.config import TrainConfig
 from patchsae.train.errors import TrainingError
 from patchsae.train.health import Watch

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from patchsae import ddp
 from patchsae.atomic import write_json
 from patchsae.backbones.loading import check_device
 from patchsae.config import ConfigError, to_dict
@@ -48,7 +49,6 @@ from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.io import save
 from patchsae.sae.registry import make_sae
-from patchsae.train import ddp
 from patchsae.train.checkpoint import (
     find_checkpoint,
     load_member,

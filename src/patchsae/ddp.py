@@ -1,8 +1,9 @@
-"""Data-parallel training over processes started by ``torchrun`` (one process per device).
+"""Processes started by ``torchrun`` (one per device): the process group and its collectives.
 
-Every rank holds a full copy of each SAE and trains on its own equal slice of the global batch.
-Gradients are averaged over ranks, so with losses that are means over equal-size slices one
-step equals the single-process step on the global batch. Collectives are explicit calls (no
+``extract`` splits a store's shards over the ranks. ``train`` is data parallel: every rank holds
+a full copy of each SAE and trains on its own equal slice of the global batch. Gradients are
+averaged over ranks, so with losses that are means over equal-size slices one step equals the
+single-process step on the global batch. Collectives are explicit calls (no
 ``DistributedDataParallel`` wrapper) because the training objective is ``SAE.loss``, not
 ``forward``.
 """
