@@ -47,6 +47,14 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+def assert_same_store(single: Path, pair: Path) -> None:
+    """Every file of the 2-rank store ``pair`` has the bytes of the 1-process store ``single``."""
+    expected, got = tree(single), tree(pair)
+    assert sorted(got) == sorted(expected)
+    for name, content in expected.items():
+        assert got[name] == content, f"{name} differs between 2 ranks and 1 process"
+
+
 @pytest.fixture
 def common(tiny_model: Path, tmp_path: Path) -> list[str]:  # noqa: F811 (the fixture)
     data = make_folder(tmp_path / "imgs", per_class=30, bad=True)
@@ -60,13 +68,9 @@ def test_two_ranks_write_the_single_process_store(common: list[str], tmp_path: P
     reference = run_extract([*common, f"out={single}"])
     finish(torchrun_extract([*common, f"out={pair}"]))
     finish(reference)
-    expected, got = tree(single), tree(pair)
-    assert sorted(got) == sorted(expected)
-    for name, content in expected.items():
-        assert got[name] == content, f"{name} differs between 2 ranks and 1 process"
-    again = torchrun_extract([*common, f"out={pair}"])  # complete: every rank stops at once
-    finish(again)
-    assert tree(pair) == expected
+    assert_same_store(single, pair)
+    finish(torchrun_extract([*common, f"out={pair}"]))  # complete: every rank stops at once
+    assert_same_store(single, pair)
 
 
 @pytest.mark.slow
@@ -86,7 +90,4 @@ def test_a_rank_killed_mid_run_is_recovered_by_rerunning(common: list[str], tmp_
     assert '"complete": false' in (pair / "metadata.json").read_text()
     finish(torchrun_extract([*common, f"out={pair}"]))
     finish(reference)
-    expected, got = tree(single), tree(pair)
-    assert sorted(got) == sorted(expected)
-    for name, content in expected.items():
-        assert got[name] == content, f"{name} differs after a rank was killed and the rerun"
+    assert_same_store(single, pair)
