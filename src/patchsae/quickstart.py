@@ -111,15 +111,21 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
     return atlas
 
 
+def _data(cfg: QuickstartConfig, split: str) -> DataConfig:
+    """The image source of ``split`` of ``cfg.data`` (a local folder reads its ``image`` files;
+    a hub dataset its ``image_column``)."""
+    column = "image" if Path(cfg.data).is_dir() else cfg.image_column
+    return DataConfig(cfg.data, split=split, image_column=column)
+
+
 def _extract(cfg: QuickstartConfig, split: str, store: Path, limit: int | None) -> None:
     """Extract (or finish) the store of ``split`` of ``cfg.data`` at ``cfg.layer``."""
     from patchsae.extract import ExtractConfig, extract
 
-    column = "image" if Path(cfg.data).is_dir() else cfg.image_column
     extract(
         ExtractConfig(
             model=cfg.model,
-            data=DataConfig(cfg.data, split=split, image_column=column),
+            data=_data(cfg, split),
             layers=(cfg.layer,),
             out=str(store),
             batch_size=cfg.batch_size,
@@ -152,9 +158,8 @@ def held_out(cfg: QuickstartConfig, sae_dir: Path, store: Path) -> dict | None:
         return None
     from patchsae.data import open_images
 
-    column = "image" if local else cfg.image_column
     try:
-        n_test = len(open_images(DataConfig(cfg.data, split=cfg.test_split, image_column=column)))
+        n_test = len(open_images(_data(cfg, cfg.test_split)))
         limit = cfg.test_limit if cfg.test_limit is not None and cfg.test_limit < n_test else None
         _extract(cfg, cfg.test_split, store, limit)
     except DataError as err:

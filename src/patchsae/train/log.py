@@ -92,13 +92,13 @@ def run_summary(cfg: TrainConfig, out: Path) -> str:
     last held-out metrics (or a note that nothing was held out), its dead fraction, where it was
     saved and how to evaluate it."""
     lines = [f"trained {len(cfg.member_names())} SAE(s) in {out}"]
-    first = out / cfg.member_names()[0] / METRICS
-    steps = [r["step"] for r in _records(first) if isinstance(r.get("step"), int)]
+    folders = {name: out / name if name else out for name in cfg.member_names()}
+    records_of = {name: _records(folder / METRICS) for name, folder in folders.items()}
+    steps = [r["step"] for r in next(iter(records_of.values())) if isinstance(r.get("step"), int)]
     if steps and steps[-1] > 0:
         lines += [f"warning: {w}" for w in check_schedule(cfg, steps[-1])]
-    for name in cfg.member_names():
-        folder = out / name if name else out
-        records = _records(folder / METRICS)
+    for name, folder in folders.items():
+        records = records_of[name]
         last = records[-1] if records else {}
         held_out = next((r for r in reversed(records) if "eval/fvu" in r), None)
         lines.append(
