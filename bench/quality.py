@@ -25,8 +25,9 @@ SAELens's L0, interpolated in log L0 between our L1 sweep's points, / theirs; ta
 plus ``topk_l0``, ``saelens_topk_fvu``, ``saelens_relu_l0``, ``relu_l0_bracketed`` (whether
 SAELens's L0 lies inside our sweep, i.e. interpolated rather than extrapolated), ``steps``,
 ``tokens``, and for ``batchtopk`` (k=32) and ``jumprelu`` (each side's defaults)
-``<arch>_fvu_vs_saelens``, ``<arch>_l0`` and ``saelens_<arch>_l0`` (JumpReLU's L0 is whatever each
-side's default sparsity coefficient gives, so its FVU ratio is not at matched L0). The frontier
+``<arch>_fvu_vs_saelens``, ``<arch>_l0`` and ``saelens_<arch>_l0`` (JumpReLU's L0 is whatever
+each side's default sparsity coefficient gives, so its FVU ratio is not at matched L0), and
+``saes``: side, arch, setting, held-out FVU, L0 and dead fraction of every SAE trained. The frontier
 (FVU vs L0 of every SAE trained) is printed as a table and drawn to ``--plot`` (PNG).
 """
 
@@ -303,6 +304,7 @@ def main() -> None:
         <= theirs_relu["l0"]
         <= max(p[0] for p in relu_points),
         **extra,
+        "saes": [{k: r[k] if isinstance(r[k], str) else round(r[k], 4) for k in r} for r in rows],
         "steps": total // BATCH_TOKENS,
         "tokens": total,
     }
