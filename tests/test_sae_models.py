@@ -418,6 +418,47 @@ def test_topk_train_matches_dense_autograd(n_dead):
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("offset", [-2.5, 0.0])
+def test_reused_scratch_gives_the_fresh_buffers_results(arch, offset):
+    """Two forwards through one Scratch (a smaller batch second) before either backward: each
+    gives the values and gradients of a call with fresh buffers, in both regimes."""
+    scratch = kernels.Scratch()
+
+    def run(x, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch):
+        if arch == "relu":
+            x_hat, extra, pre_dead, W_dead, fires = kernels.relu_train(
+                x, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch
+            )
+        else:
+            x_hat, pre_dead, W_dead, fires = kernels.topk_train(
+                x, W_enc, b_enc, b_dec, W_dec, 6, dead_idx, scratch
+            )
+            extra = 0
+        return _objective(x_hat, extra, pre_dead, W_dead), x_hat, fires
+
+    (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, offset, 9)
+    leaves = (x, W_enc, b_enc, b_dec, W_dec)
+    batches = (x, x[:40] * 1.5)
+    shared = [run(xb, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch) for xb in batches]
+    for xb, (loss, x_hat, fires) in zip(batches, shared, strict=True):
+        fresh_loss, fresh_x_hat, fresh_fires = run(xb, W_enc, b_enc, b_dec, W_dec, dead_idx, None)
+        assert torch.equal(x_hat, fresh_x_hat) and torch.equal(fires, fresh_fires)
+        got = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(fresh_loss, leaves, allow_unused=True)
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_add_rows_equals_index_add():
+    g = torch.Generator().manual_seed(4)
+    target = torch.randn(50, 7, dtype=torch.float64, generator=g)
+    idx = torch.randperm(50, generator=g)[:12]
+    rows = torch.randn(12, 7, dtype=torch.float64, generator=g)
+    want = target.clone().index_add_(0, idx, rows)
+    assert torch.equal(kernels.add_rows_(target, idx, rows), want) and torch.equal(target, want)
+
+
 def test_kernels_with_nothing_active():
     x = torch.randn(8, 4, dtype=torch.float64)
     W_enc = torch.randn(4, 6, dtype=torch.float64)

@@ -63,6 +63,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(b_enc)
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(b_dec)
+        self.scratch = kernels.Scratch()
 
     @property
     def dtype(self) -> torch.dtype:
