@@ -22,9 +22,8 @@ from patchsae.config import ConfigError, from_dict
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore
 from patchsae.train import TrainConfig, train
-from patchsae.train import trainer as trainer_module
 from patchsae.train.errors import TrainingError
-from run_files import untimed_metrics
+from run_files import train_until, untimed_metrics
 from tiny_stores import make_store
 
 N_IMAGES = 40
@@ -96,25 +95,8 @@ def test_sync_every_changes_no_bit(store: Path, tmp_path: Path, arch: str) -> No
     assert_identical(every, bursts)
 
 
-class Interrupted(Exception):
-    """Stands for the process dying in the middle of a step."""
-
-
-def test_resume_mid_run_with_bursts_equals_a_straight_run(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cut = config(store, tmp_path / "cut", sync_every=4, checkpoint_every=6)
-    original_step = trainer_module.train_step
-
-    def dying_step(cfg_, member, x, step, dist):
-        if step == 10:
-            raise Interrupted
-        return original_step(cfg_, member, x, step, dist)
-
-    monkeypatch.setattr(trainer_module, "train_step", dying_step)
-    with pytest.raises(Interrupted):
-        train(cut)
-    monkeypatch.setattr(trainer_module, "train_step", original_step)
+def test_resume_mid_run_with_bursts_equals_a_straight_run(store: Path, tmp_path: Path) -> None:
+    train_until(config(store, tmp_path / "cut", sync_every=4, checkpoint_every=6), step=10)
     # synced at steps 4, 6 (checkpoint) and 8; the lines of steps 9 and 10 died with the process
     assert max(r["step"] for r in untimed_metrics(tmp_path / "cut")) == 8
     resumed = train(config(store, tmp_path / "cut", sync_every=3, checkpoint_every=6), resume=True)

@@ -11,6 +11,7 @@ the weights and Adam's state where they were counted, then the metrics lines are
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -41,8 +42,18 @@ class Entry:
     nonfinite: torch.Tensor | None
 
     def tensors(self) -> list[torch.Tensor]:
+        """The device tensors to read back, flattened to float64, in the order ``split`` takes."""
         extra = [self.fractions, self.nonfinite]
         return [self.values.packed] + [t.reshape(-1).double() for t in extra if t is not None]
+
+    def split(
+        self, numbers: Iterator[float]
+    ) -> tuple[list[float], list[float] | None, float | None]:
+        """Take this entry's values, fractions and NaN/inf count from ``numbers``, the read-back
+        of the ``tensors()`` of the entries in order."""
+        values = list(islice(numbers, self.values.packed.numel()))
+        fractions = list(islice(numbers, len(FRACTIONS))) if self.fractions is not None else None
+        return values, fractions, next(numbers) if self.nonfinite is not None else None
 
 
 class Pending:
@@ -76,14 +87,7 @@ class Pending:
         numbers = iter(torch.cat(tensors).tolist())
         loss = float("nan")
         for entries in self.steps:
-            read = [
-                (
-                    list(islice(numbers, e.values.packed.numel())),
-                    list(islice(numbers, len(FRACTIONS))) if e.fractions is not None else None,
-                    next(numbers) if e.nonfinite is not None else None,
-                )
-                for e in entries
-            ]
+            read = [e.split(numbers) for e in entries]
             records = [
                 e.values.record(values, self.world_size, e.member.label)
                 for e, (values, _, _) in zip(entries, read, strict=True)
