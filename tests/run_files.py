@@ -64,3 +64,29 @@ def kill_after_first_checkpoint(cfg: Any, work: Path) -> dict:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     marker = Path(cfg.out) / "checkpoint" / "trainer_state.json"
     return json.loads(marker.read_text())
+
+
+class Interrupted(Exception):
+    """Stands for the process dying in the middle of a step."""
+
+
+def train_until(cfg: Any, step: int) -> None:
+    """Run ``train(cfg)`` in this process and stop it with ``Interrupted`` as training step
+    ``step`` (0-based) begins."""
+    from patchsae.train import trainer
+
+    real = trainer.train_step
+
+    def dying_step(cfg_: Any, member: Any, x: torch.Tensor, at: int, dist: Any) -> Any:
+        if at == step:
+            raise Interrupted
+        return real(cfg_, member, x, at, dist)
+
+    trainer.train_step = dying_step
+    try:
+        trainer.train(cfg)
+    except Interrupted:
+        return
+    finally:
+        trainer.train_step = real
+    raise AssertionError(f"the run ended before step {step}")
