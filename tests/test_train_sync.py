@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from patchsae.config import ConfigError, from_dict
+from patchsae.config import ConfigError, from_dict, to_dict
 from patchsae.data.loaders import image_batches_from_store
 from patchsae.data.store import ActivationStore
 from patchsae.train import TrainConfig, train
 from patchsae.train.errors import TrainingError
-from run_files import train_until, untimed_metrics
+from run_files import train_until, untimed_metrics, weights
 from tiny_stores import make_store
 
 N_IMAGES = 40
@@ -206,3 +209,46 @@ def test_the_loop_reads_the_device_once_per_sync(
         assert sum(found[n, 12].values()) - sum(found[n, 8].values()) == 4 // n
     others = [{k: v for k, v in f.items() if k != "patchsae.train.sync"} for f in found.values()]
     assert all(o == others[0] for o in others)
+
+
+def test_two_processes_with_bursts_equal_one_process(tmp_path: Path) -> None:
+    """Under torchrun (2 gloo processes) the deferred reads change nothing: the float64 sweep of
+    test_train_ddp with sync_every=3 equals one process with sync_every=1."""
+    from test_train_ddp import torchrun
+
+    store = make_store(tmp_path / "store", acts())
+    sae = {"d_in": 16, "d_sae": 32, "l1_coefficient": 1.0, "dtype": "float64"}
+    settings = {"sae": sae, "lr": 0.1, "warmup_steps": 1, "batch_images": 4, "total_images": 40}
+    settings |= {"sweep": [{}, {"arch": "topk", "k": 4, "aux_k": 8}], "checkpoint_every": 4}
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(config(store, tmp_path / "ddp", **settings))))
+    torchrun(["-m", "patchsae", "train", str(cfg_file), "sync_every=3"], 2)
+    single = train(config(store, tmp_path / "single", **settings))
+    for member, dead_term in (("sae-00", "ghost"), ("sae-01", "aux")):
+        rows, single_rows = (
+            untimed_metrics(tmp_path / "ddp" / member),
+            untimed_metrics(single / member),
+        )
+        assert [r["step"] for r in rows] == [r["step"] for r in single_rows] == list(range(1, 11))
+        assert [r["l0"] for r in rows] == [r["l0"] for r in single_rows]
+        assert any(r[dead_term] > 0 for r in rows), "no dead latents: that path went untested"
+        a, b = weights(tmp_path / "ddp" / member), weights(single / member)
+        assert max((a[k] - b[k]).abs().max().item() for k in b) <= 1e-5
+
+
+def test_a_bad_batch_stops_every_process_at_the_sync(store: Path, tmp_path: Path) -> None:
+    """Each rank reads the all-reduced values at the same syncs, so every rank stops there with
+    the same line: none is left waiting at a collective."""
+    from test_train_ddp import TIMEOUT_S
+
+    bad = poisoned_store(tmp_path / "bad", store, step=5)
+    cfg = config(bad, tmp_path / "ddp", batch_images=2, total_images=28, sync_every=4)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "patchsae", "train", str(cfg_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode != 0
+    # the poisoned image is the 6th of the seed-0 order: in step 2's batch of 2, on rank 1 only
+    assert proc.stderr.count("non-finite activations in the batch of step 2") == 2, proc.stderr
