@@ -66,6 +66,15 @@ def density(t_nm: Tensor) -> float:
     return int(torch.count_nonzero(sample)) / max(sample.numel(), 1)
 
 
+def by_latent_order(cols: Tensor) -> Tensor:
+    """The stable permutation (nnz,) that sorts latent ids ``cols`` (nnz,) ascending.
+
+    Sorts them as int32 (latent ids are below 2**31): half the bytes of int64 keys, and about
+    twice as fast on CPU.
+    """
+    return torch.argsort(cols.to(torch.int32), stable=True)
+
+
 def _offsets(sorted_bags: Tensor, n_bags: int) -> Tensor:
     """Start offset of each bag (n_bags,) for bag ids ``sorted_bags`` sorted ascending."""
     counts = torch.bincount(sorted_bags, minlength=n_bags)
@@ -158,7 +167,7 @@ def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tupl
     """
     x_centred, W_enc, W_dec, rows, cols, acts, dead_idx = ctx.saved_tensors
     n, m = x_centred.shape[0], W_enc.shape[1]
-    order = torch.argsort(cols, stable=True)
+    order = by_latent_order(cols)
     by_latent, offsets = rows[order], _offsets(cols[order], m)
     grad_w_dec = F.embedding_bag(
         by_latent, grad_x_hat, offsets, mode="sum", per_sample_weights=acts[order]
@@ -350,7 +359,7 @@ def weight_grad(x_nd: Tensor, grad_nm: Tensor, by_latent: bool = False) -> Tenso
     if dense_cols.numel() > 0:
         keep = col_counts[cols] <= DENSE_COLUMN_DENSITY * n
         rows, cols, values = rows[keep], cols[keep], values[keep]
-    order = torch.argsort(cols, stable=True)
+    order = by_latent_order(cols)
     cols = cols[order]
     grad_md = F.embedding_bag(
         rows[order], x_nd, _offsets(cols, m), mode="sum", per_sample_weights=values[order]
