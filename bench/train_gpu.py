@@ -11,7 +11,8 @@ dead, so ghost grads run on every step as in a real run.
 In the same process it times the dense reference: the same step shape in bf16 with plain
 autograd (every GEMM dense), which is what the sparse path has to beat.
 
-Options: ``--tf32`` (TF32 matmuls for the float32 SAE), ``--steps``, ``--images-per-step``,
+Options: ``--tf32`` (TF32 matmuls for the float32 SAE), ``--sync-every`` (steps between the
+trainer's host reads, default 16; 1 reads every step), ``--steps``, ``--images-per-step``,
 ``--d-sae``, ``--prefetch``. Needs CUDA; ``--device cpu`` with small sizes only checks the
 script. Keys of the last line (one JSON object): ``steady_tokens_per_s`` (sparse phase, from the
 run's metrics, start-up and saving left out), ``input_wait_share`` (share of that phase spent
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=49152)
     parser.add_argument("--prefetch", type=int, default=2, help="prefetch_batches (0: none)")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls for the fp32 SAE")
+    parser.add_argument(
+        "--sync-every", type=int, default=16, help="steps between host reads (sync_every)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -177,6 +181,8 @@ def main() -> None:
             f"log_every={max(1, min(50, args.steps // 4))}",
             f"prefetch_batches={args.prefetch}",
             f"tf32={args.tf32}",
+            f"sync_every={args.sync_every}",
+            "eval_images=0",
         ]
         cfg = load_config(TrainConfig, ROOT / "configs" / "patchsae.yaml", overrides)
         l0, dead_frac = sparse_checkpoint(cfg)
@@ -205,6 +211,7 @@ def main() -> None:
         "l0": round(l0, 1),
         "dead_frac": round(dead_frac, 4),
         "tf32": args.tf32,
+        "sync_every": args.sync_every,
         "steps": args.steps,
     }
     print(json.dumps(result))
