@@ -97,7 +97,7 @@ def interleaved_ratio(sae_dir: Path, store_dir: Path, batch: int) -> float:
 
     sae, store = load(sae_dir), ActivationStore.open(store_dir)
     layout = TokenLayout.from_dict(store.metadata["token_layout"])
-    acc = LatentAccumulator(M, layout, n_classes=10, nonnegative=True)  # as compute_stats
+    acc = LatentAccumulator(M, layout, n_classes=10)
     encode = update = 0.0
     row = 0
     with torch.no_grad():

@@ -25,6 +25,9 @@ from patchsae.backbones import TokenLayout
 
 Aggregate = Literal["mean", "max"]
 EMPTY = -1
+BLOCK_ELEMENTS = 2**17  # codes per CPU thread in a block: with their scratch, 1 MiB of fp32
+DEVICE_BLOCK_ELEMENTS = 2**24
+EXACT_COUNT = 2**24  # float32 holds every integer up to here: sums of 0/1 below it are exact
 
 
 class StatsError(ValueError):
@@ -67,9 +70,6 @@ def label_entropy(values_mk: np.ndarray, labels_mk: np.ndarray) -> np.ndarray:
 class LatentAccumulator:
     """Streaming per-latent statistics over images given as SAE codes (B, T, d_sae).
 
-    ``nonnegative=True`` promises codes >= 0 (every SAE architecture ends in a ReLU), which lets
-    the count of positive codes use one ``sign`` pass instead of a comparison.
-
     Feed batches in pass order with :meth:`update`; :meth:`state_dict` / :meth:`load_state_dict`
     save and restore everything (resume), :meth:`result` returns the final arrays.
     """
@@ -84,7 +84,6 @@ class LatentAccumulator:
         threshold: float = 0.2,
         aggregate: Aggregate = "mean",
         include_cls: bool = True,
-        nonnegative: bool = False,
     ) -> None:
         if top_k < 1:
             raise StatsError(f"top_k must be >= 1, got {top_k}")
@@ -97,8 +96,7 @@ class LatentAccumulator:
         self.n_set = len(token_set(layout, include_cls))
         self.segments = _segments(token_set(layout, include_cls))
         self.include_cls = include_cls and layout.cls_index is not None
-        self.nonnegative = nonnegative
-        self._buf = torch.empty(0)
+        self._buf = torch.empty(0, d_sae)
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
         self.state: dict[str, Tensor] = {
@@ -118,13 +116,11 @@ class LatentAccumulator:
             "top_labels": torch.full((m, k), EMPTY, dtype=i64),
         }
 
-    def _buffer(self, like: Tensor) -> Tensor:
-        """A reused scratch tensor shaped and typed like ``like``."""
-        n = like.numel()
-        buf = self._buf
-        if buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
-        return self._buf[:n].view(like.shape)
+    def _scratch(self, rows: int, device: torch.device) -> Tensor:
+        """A reused (rows, d_sae) float32 scratch block (no fresh pages on every batch)."""
+        if self._buf.shape[0] < rows or self._buf.device != device:
+            self._buf = torch.empty(rows, self.d_sae, dtype=torch.float32, device=device)
+        return self._buf[:rows]
 
     @staticmethod
     def _token_sum(view_btm: Tensor) -> Tensor:
@@ -135,38 +131,85 @@ class LatentAccumulator:
         )
         return torch.bmm(ones, view_btm).squeeze(1)
 
-    def _count_above(self, view_btm: Tensor, threshold: float) -> Tensor:
-        """(B, d_sae) int64: tokens of ``view_btm`` (B, t, d_sae) whose code is > threshold.
+    def _blocks(self, n_images: int, device: torch.device) -> list[tuple[slice, slice]]:
+        """(images, tokens) slices of the blocks that cover a batch's token set.
 
-        The comparison is written as 0/1 floats into a reused buffer and summed by
-        ``_token_sum`` (exact: float sums of 0/1 are exact integers below 2**24 tokens); for
-        nonnegative codes and threshold 0, ``sign`` writes the same 0/1 in one cheaper pass."""
-        buf = self._buffer(view_btm)
-        if self.nonnegative and threshold == 0.0:
-            torch.sign(view_btm, out=buf)
-        else:
-            torch.gt(view_btm, threshold, out=buf)
-        return self._token_sum(buf).long()
+        A block holds about ``BLOCK_ELEMENTS`` codes per CPU thread, so that it and its scratch
+        stay in the cores' caches for both comparisons (a long segment is cut into near-equal
+        token runs of one image), or ``DEVICE_BLOCK_ELEMENTS`` on an accelerator (few large
+        kernels); never more than ``EXACT_COUNT`` tokens."""
+        cpu = device.type == "cpu"
+        per_block = BLOCK_ELEMENTS * torch.get_num_threads() if cpu else DEVICE_BLOCK_ELEMENTS
+        rows = min(EXACT_COUNT, max(1, per_block // self.d_sae))
+        blocks = []
+        for start, stop in self.segments:
+            length = stop - start
+            if rows >= length:
+                step = rows // length
+                images = [slice(i, i + step) for i in range(0, n_images, step)]
+                blocks += [(i, slice(start, stop)) for i in images]
+            else:
+                parts = -(-length // rows)
+                bounds = [start + length * p // parts for p in range(parts + 1)]
+                runs = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+                blocks += [(slice(i, i + 1), run) for i in range(n_images) for run in runs]
+        return blocks
+
+    def _count(self, codes_btm: Tensor) -> tuple[Tensor, Tensor]:
+        """Over the token set: the (image, token) pairs with code > 0 summed over the batch,
+        (d_sae,) int64, and per image the tokens with code > threshold, (B, d_sae) int64.
+
+        Block by block (:meth:`_blocks`), each comparison writes 0/1 into a float32 scratch
+        block, which a product with ones adds to float32 sums: exact, as no sum can pass
+        ``EXACT_COUNT`` (the batch total moves to int64 before it could; an image has fewer
+        tokens). A block small enough for the cores' caches is read from memory once for both
+        comparisons, and the scratch never leaves the cache."""
+        b, m, device = codes_btm.shape[0], self.d_sae, codes_btm.device
+        blocks = self._blocks(b, device)
+        rows = max((i.stop - i.start) * (t.stop - t.start) for i, t in blocks)
+        scratch = self._scratch(rows, device)
+        ones = torch.ones(1, 1, rows, device=device)
+        pos = torch.zeros(m, dtype=torch.int64, device=device)
+        pos_sum = torch.zeros(1, m, device=device)
+        above = torch.zeros(b, 1, m, device=device)
+        zero, threshold = (torch.tensor(v, dtype=codes_btm.dtype) for v in (0.0, self.threshold))
+        in_sum = 0
+        for images, tokens in blocks:
+            block = codes_btm[images, tokens]
+            n_img, n_tok = block.shape[:2]
+            n = n_img * n_tok
+            if in_sum + n > EXACT_COUNT:
+                pos += pos_sum.squeeze(0).long()
+                pos_sum.zero_()
+                in_sum = 0
+            part = scratch[:n].view(n_img, n_tok, m)
+            torch.gt(block, zero, out=part)
+            pos_sum.addmm_(ones[0, :, :n], scratch[:n])
+            in_sum += n
+            torch.gt(block, threshold, out=part)
+            above[images].baddbmm_(ones[:, :, :n_tok].expand(n_img, 1, n_tok), part)
+        pos += pos_sum.squeeze(0).long()
+        return pos, above.squeeze(1).long()
 
     def reduce(self, codes_btm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per image and latent, over the token set: image-level activation (B, d_sae) float64,
-        tokens with code > 0 and tokens with code > threshold, (B, d_sae) int64 each."""
-        img = pos = above = None
+        """Per image and latent, over the token set: image-level activation (B, d_sae) float64;
+        then the counts of :meth:`_count`: positive (image, token) pairs (d_sae,) and tokens
+        above the threshold (B, d_sae), int64."""
+        img = None
         for start, stop in self.segments:
             view = codes_btm[:, start:stop]
             if self.aggregate == "mean":
                 part = self._token_sum(view).double()
             else:
                 part = view.amax(1).double()
-            p, a = self._count_above(view, 0.0), self._count_above(view, self.threshold)
             if img is None:
-                img, pos, above = part, p, a
+                img = part
             else:
                 img = img + part if self.aggregate == "mean" else torch.maximum(img, part)
-                pos, above = pos + p, above + a
-        assert img is not None and pos is not None and above is not None
+        assert img is not None
         if self.aggregate == "mean":
             img = img / self.n_set
+        pos, above = self._count(codes_btm)
         return img.cpu(), pos.cpu(), above.cpu()
 
     def image_activations(self, codes_btm: Tensor) -> Tensor:
@@ -189,7 +232,7 @@ class LatentAccumulator:
                 f"labels must lie in -1..{self.n_classes - 1} (the class names known), got "
                 f"{int(labels.min())}..{int(labels.max())}: the labels and class names disagree"
             )
-        img_bm, pos_bm, above_bm = self.reduce(codes_btm)
+        img_bm, pos_m, above_bm = self.reduce(codes_btm)
         fires = img_bm > 0
         s["n_images"] += len(img_bm)
         s["image_fire_count"] += fires.sum(0)
@@ -201,9 +244,9 @@ class LatentAccumulator:
             s["cls_fire_count"] += cls_pos
         if self.include_cls:
             assert cls_pos is not None
-            s["patch_fire_count"] += pos_bm.sum(0) - cls_pos
+            s["patch_fire_count"] += pos_m - cls_pos
         else:
-            s["patch_fire_count"] += pos_bm.sum(0)
+            s["patch_fire_count"] += pos_m
         s["dataset_counts"] += above_bm.sum(0)
         labelled = labels >= 0
         if labelled.any():
