@@ -25,9 +25,8 @@ from patchsae.backbones import TokenLayout
 
 Aggregate = Literal["mean", "max"]
 EMPTY = -1
-BLOCK_ELEMENTS = 2**17  # codes per CPU thread in a block: with their scratch, 1 MiB of fp32
+BLOCK_ELEMENTS = 2**17  # codes per CPU thread in a block: with their 0/1 scratch, 1.5 MiB fp32
 DEVICE_BLOCK_ELEMENTS = 2**24
-EXACT_COUNT = 2**24  # float32 holds every integer up to here: sums of 0/1 below it are exact
 
 
 class StatsError(ValueError):
@@ -96,7 +95,7 @@ class LatentAccumulator:
         self.n_set = len(token_set(layout, include_cls))
         self.segments = _segments(token_set(layout, include_cls))
         self.include_cls = include_cls and layout.cls_index is not None
-        self._buf = torch.empty(0, d_sae)
+        self._scratch = torch.empty(0, d_sae)  # reused: no fresh pages on every batch
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
         self.state: dict[str, Tensor] = {
@@ -116,12 +115,6 @@ class LatentAccumulator:
             "top_labels": torch.full((m, k), EMPTY, dtype=i64),
         }
 
-    def _scratch(self, rows: int, device: torch.device) -> Tensor:
-        """A reused (rows, d_sae) float32 scratch block (no fresh pages on every batch)."""
-        if self._buf.shape[0] < rows or self._buf.device != device:
-            self._buf = torch.empty(rows, self.d_sae, dtype=torch.float32, device=device)
-        return self._buf[:rows]
-
     @staticmethod
     def _token_sum(view_btm: Tensor) -> Tensor:
         """(B, d_sae): sum over tokens of (B, t, d_sae), as one batched product with ones (far
@@ -135,12 +128,11 @@ class LatentAccumulator:
         """(images, tokens) slices of the blocks that cover a batch's token set.
 
         A block holds about ``BLOCK_ELEMENTS`` codes per CPU thread, so that it and its scratch
-        stay in the cores' caches for both comparisons (a long segment is cut into near-equal
-        token runs of one image), or ``DEVICE_BLOCK_ELEMENTS`` on an accelerator (few large
-        kernels); never more than ``EXACT_COUNT`` tokens."""
+        stay in the cores' caches (a long segment is cut into near-equal token runs of one
+        image), or ``DEVICE_BLOCK_ELEMENTS`` on an accelerator (few large kernels)."""
         cpu = device.type == "cpu"
         per_block = BLOCK_ELEMENTS * torch.get_num_threads() if cpu else DEVICE_BLOCK_ELEMENTS
-        rows = min(EXACT_COUNT, max(1, per_block // self.d_sae))
+        rows = max(1, per_block // self.d_sae)
         blocks = []
         for start, stop in self.segments:
             length = stop - start
@@ -159,37 +151,29 @@ class LatentAccumulator:
         """Over the token set: the (image, token) pairs with code > 0 summed over the batch,
         (d_sae,) int64, and per image the tokens with code > threshold, (B, d_sae) int64.
 
-        Block by block (:meth:`_blocks`), each comparison writes 0/1 into a float32 scratch
-        block, which a product with ones adds to float32 sums: exact, as no sum can pass
-        ``EXACT_COUNT`` (the batch total moves to int64 before it could; an image has fewer
-        tokens). A block small enough for the cores' caches is read from memory once for both
-        comparisons, and the scratch never leaves the cache."""
+        Block by block (:meth:`_blocks`), one broadcast comparison writes both 0/1 masks into
+        a reused float32 scratch and one batched product with ones adds them to per-image
+        float32 sums (exact: float sums of 0/1 are exact integers below 2**24 tokens). A block
+        is read from memory once for both comparisons and its scratch never leaves the cache.
+        """
         b, m, device = codes_btm.shape[0], self.d_sae, codes_btm.device
         blocks = self._blocks(b, device)
         rows = max((i.stop - i.start) * (t.stop - t.start) for i, t in blocks)
-        scratch = self._scratch(rows, device)
-        ones = torch.ones(1, 1, rows, device=device)
-        pos = torch.zeros(m, dtype=torch.int64, device=device)
-        pos_sum = torch.zeros(1, m, device=device)
-        above = torch.zeros(b, 1, m, device=device)
-        zero, threshold = (torch.tensor(v, dtype=codes_btm.dtype) for v in (0.0, self.threshold))
-        in_sum = 0
+        if self._scratch.shape[0] < 2 * rows or self._scratch.device != device:
+            self._scratch = torch.empty(2 * rows, m, device=device)
+        sums = torch.zeros(b, 2, 1, m, device=device)  # per image: [code > 0, code > threshold]
+        thresholds = torch.tensor([0.0, self.threshold], dtype=codes_btm.dtype, device=device)
+        ones = torch.ones(2 * rows, 1, rows, device=device)
         for images, tokens in blocks:
             block = codes_btm[images, tokens]
             n_img, n_tok = block.shape[:2]
-            n = n_img * n_tok
-            if in_sum + n > EXACT_COUNT:
-                pos += pos_sum.squeeze(0).long()
-                pos_sum.zero_()
-                in_sum = 0
-            part = scratch[:n].view(n_img, n_tok, m)
-            torch.gt(block, zero, out=part)
-            pos_sum.addmm_(ones[0, :, :n], scratch[:n])
-            in_sum += n
-            torch.gt(block, threshold, out=part)
-            above[images].baddbmm_(ones[:, :, :n_tok].expand(n_img, 1, n_tok), part)
-        pos += pos_sum.squeeze(0).long()
-        return pos, above.squeeze(1).long()
+            masks = self._scratch[: 2 * n_img * n_tok].view(n_img, 2, n_tok, m)
+            torch.gt(block[:, None], thresholds.view(1, 2, 1, 1), out=masks)
+            sums[images].view(2 * n_img, 1, m).baddbmm_(
+                ones[: 2 * n_img, :, :n_tok], masks.view(2 * n_img, n_tok, m)
+            )
+        counts = sums.squeeze(2).long()
+        return counts[:, 0].sum(0), counts[:, 1]
 
     def reduce(self, codes_btm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per image and latent, over the token set: image-level activation (B, d_sae) float64;
