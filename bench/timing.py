@@ -9,16 +9,23 @@ from collections.abc import Callable
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: bool = True,
+    before: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call of each function over ``repeats`` rounds (after one untimed call
-    each when ``warmup``)."""
+    each when ``warmup``); ``before[name]``, when given, runs untimed before every call of
+    ``fns[name]`` (e.g. to restore the state the call changes)."""
+    before = before or {}
     if warmup:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if name in before:
+                before[name]()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +35,58 @@ def untimed_metrics(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMED} for r in metrics(folder)]
 
 
+# Runs ``patchsae train`` and SIGKILLs itself right after its first checkpoint is complete, so
+# the kill lands mid-run however fast or slow the machine is.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+import patchsae.train.trainer as trainer
+from patchsae.cli import main
+write_checkpoint = trainer.write_checkpoint
+def write_then_die(*args):
+    write_checkpoint(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+trainer.write_checkpoint = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def kill_after_first_checkpoint(cfg: Any, work: Path) -> dict:
-    """Run ``patchsae train`` on ``cfg`` in a subprocess, SIGKILL it once its first checkpoint is
-    complete, and return that checkpoint's trainer state."""
+    """Run ``patchsae train`` on ``cfg`` in a subprocess that SIGKILLs itself once its first
+    checkpoint is complete, and return that checkpoint's trainer state."""
     cfg_file = work / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "patchsae", "train", str(cfg_file)],
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, "train", str(cfg_file)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     marker = Path(cfg.out) / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
     return json.loads(marker.read_text())
+
+
+class Interrupted(Exception):
+    """Stands for the process dying in the middle of a step."""
+
+
+def train_until(cfg: Any, step: int) -> None:
+    """Run ``train(cfg)`` in this process and stop it with ``Interrupted`` as training step
+    ``step`` (0-based) begins."""
+    from patchsae.train import trainer
+
+    real = trainer.train_step
+
+    def dying_step(cfg_: Any, member: Any, x: torch.Tensor, at: int, dist: Any) -> Any:
+        if at == step:
+            raise Interrupted
+        return real(cfg_, member, x, at, dist)
+
+    trainer.train_step = dying_step
+    try:
+        trainer.train(cfg)
+    except Interrupted:
+        return
+    finally:
+        trainer.train_step = real
+    raise AssertionError(f"the run ended before step {step}")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -219,9 +218,26 @@ def test_base_to_novel_plan_and_results(tiny_folder, tmp_path):
         assert hm == pytest.approx(harmonic_mean(scored["base"][model], scored["novel"][model]))
 
 
-def cli(args: list[str]) -> subprocess.Popen:
+# Runs the CLI and SIGKILLs itself right after its first checkpoint is on disk, so the kill lands
+# mid-run however fast or slow the machine is.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+import patchsae.adapt.train as train
+from patchsae.cli import main
+save_checkpoint = train._save_checkpoint
+def save_then_die(*args):
+    save_checkpoint(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+train._save_checkpoint = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(args: list[str], killed: bool = False) -> subprocess.Popen:
+    """``patchsae adapt maple ARGS`` in a subprocess; ``killed`` dies after its first checkpoint."""
+    program = ["-c", KILLED_AFTER_FIRST_CHECKPOINT] if killed else ["-m", "patchsae"]
     return subprocess.Popen(
-        [sys.executable, "-m", "patchsae", "adapt", "maple", *args],
+        [sys.executable, *program, "adapt", "maple", *args],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -234,13 +250,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
     whole = cli(run_args(tiny_folder, tmp_path / "whole", *args))
     assert whole.wait() == 0, whole.stderr.read().decode()[-2000:]
     killed = tmp_path / "killed"
-    proc = cli(run_args(tiny_folder, killed, *args))
-    checkpoint = killed / "checkpoint.safetensors"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    proc = cli(run_args(tiny_folder, killed, *args), killed=True)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert (killed / "checkpoint.safetensors").is_file()
     assert not (killed / "adapter.json").exists()
     again = cli(run_args(tiny_folder, killed, *args))
     assert again.wait() == 2 and b"--resume" in again.stderr.read()

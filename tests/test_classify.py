@@ -4,12 +4,12 @@ force (dense masks, full decodes, the HF model), plus the resumable ``classify``
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -315,28 +315,42 @@ def test_classify_resumes_to_the_same_csv(world, tmp_path):
         assert (whole / name).read_text() == (tmp_path / "part" / name).read_text()
 
 
+# Runs the CLI and SIGKILLs itself right after the state that records two batches is on disk,
+# so the kill lands mid-run however fast or slow the machine is.
+KILLED_AFTER_TWO_BATCHES = """
+import os, signal, sys
+import patchsae.classify.run as run
+from patchsae.cli import main
+write_json = run.write_json
+def write_then_die(path, obj):
+    write_json(path, obj)
+    if path.name == "state.json" and obj["batches_done"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+run.write_json = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_classify_resumes_after_kill_9(world, tmp_path):
     whole = classify(config(world, tmp_path / "whole", batch_size=1), progress=False)
     out = tmp_path / "killed"
     args = [
-        sys.executable, "-m", "patchsae", "classify", "--model", str(world["model"]),
+        "classify", "--model", str(world["model"]),
         "--data", str(world["eval"]), "--out", str(out), "--sae", str(world["sae"]),
         "--layer", "1", "--atlas", str(world["atlas"]), "--selections", "class", "random",
         "--ks", "1", "5", "0", "--tokenizer", str(CLIP_TOKENIZER), "--batch-size", "1",
         'templates=["a photo of a {name}.", "a {name}."]', "checkpoint_seconds=0", "plot=false",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and '"batches_done": 2' in state.read_text():
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "results.csv").exists(), "the run finished before it was killed"
-    rerun = subprocess.run(args, env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_TWO_BATCHES, *args], env=env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert json.loads((out / "state.json").read_text())["batches_done"] == 2
+    assert not (out / "results.csv").exists()
+    rerun = subprocess.run(
+        [sys.executable, "-m", "patchsae", *args], env=env, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr
     for name in ("results.csv", "summary.csv"):
         assert (whole / name).read_text() == (out / name).read_text()

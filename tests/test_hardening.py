@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from patchsae import cli
@@ -284,9 +285,8 @@ def test_fvu_above_one_for_three_evaluations_is_warned(store, tmp_path, capsys, 
 def test_every_latent_dead_for_three_log_lines_is_warned(store, tmp_path, capsys, monkeypatch):
     from patchsae.metrics.firing import FiringWindow
 
-    monkeypatch.setattr(
-        FiringWindow, "fractions", lambda self: {"frac_dead": 1.0, "frac_almost_dead": 1.0}
-    )
+    all_dead = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)  # dead, almost dead, dense
+    monkeypatch.setattr(FiringWindow, "fractions_tensor", lambda self: all_dead)
     out = train(from_dict(TrainConfig, settings(store, tmp_path / "run", checkpoint_every=100)))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     warned = [r for r in lines if "warning" in r]

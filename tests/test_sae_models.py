@@ -331,6 +331,36 @@ def test_weight_grad_sparse_paths(dense_columns):
     grad[:, 7 : 7 + dense_columns] = torch.randn(64, dense_columns, dtype=torch.float64)
     assert kernels.density(grad) <= kernels.SPARSE_MAX_DENSITY
     assert rel_err(kernels.weight_grad(x, grad), x.t() @ grad) < 1e-12
+    by_latent = kernels.weight_grad(x, grad, by_latent=True)
+    assert by_latent.t().is_contiguous() and rel_err(by_latent, x.t() @ grad) < 1e-12
+    dense = torch.randn(64, 300, dtype=torch.float64)
+    assert kernels.weight_grad(x, dense, by_latent=True).t().is_contiguous()
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("offset", [-3.0, 0.0])
+def test_w_enc_is_latent_major_and_its_gradient_too(arch, offset):
+    """W_enc (d, m) is stored latent by latent, so the sparse step writes its gradient with no
+    transposed copy; the gradient has W_enc's layout (the optimiser's moments follow it) and
+    the values of a contiguous W_enc."""
+    x = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    k = {"k": 4, "aux_k": 6} if arch in ("topk", "batchtopk") else {}
+    grads = []
+    for latent_major in (True, False):
+        torch.manual_seed(0)
+        sae = make_sae(SAEConfig(arch=arch, d_in=8, d_sae=400, dtype="float64", **k))
+        with torch.no_grad():
+            sae.b_enc.add_(offset)
+        if arch == "relu":
+            sparse = kernels.density(sae.encode(x).detach()) <= kernels.SPARSE_MAX_DENSITY
+            assert sparse == (offset < 0)
+        assert kernels.latent_major(sae.W_enc)
+        if not latent_major:
+            sae.W_enc = torch.nn.Parameter(sae.W_enc.detach().contiguous())
+        sae.loss(x, dead_mask=torch.arange(sae.cfg.d_sae) % 5 == 0).total.backward()
+        assert sae.W_enc.grad.stride() == sae.W_enc.stride()
+        grads.append(sae.W_enc.grad)
+    assert rel_err(grads[0], grads[1]) < 1e-12
 
 
 def _fused_inputs(m: int, offset: float, n_dead: int, seed: int = 2):
@@ -416,6 +446,47 @@ def test_topk_train_matches_dense_autograd(n_dead):
     assert rel_err(x_hat, ref_x_hat) < 1e-12
     for a, b in zip(ours, ref, strict=True):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("offset", [-2.5, 0.0])
+def test_reused_scratch_gives_the_fresh_buffers_results(arch, offset):
+    """Two forwards through one Scratch (a smaller batch second) before either backward: each
+    gives the values and gradients of a call with fresh buffers, in both regimes."""
+    scratch = kernels.Scratch()
+
+    def run(x, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch):
+        if arch == "relu":
+            x_hat, extra, pre_dead, W_dead, fires = kernels.relu_train(
+                x, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch
+            )
+        else:
+            x_hat, pre_dead, W_dead, fires = kernels.topk_train(
+                x, W_enc, b_enc, b_dec, W_dec, 6, dead_idx, scratch
+            )
+            extra = 0
+        return _objective(x_hat, extra, pre_dead, W_dead), x_hat, fires
+
+    (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, offset, 9)
+    leaves = (x, W_enc, b_enc, b_dec, W_dec)
+    batches = (x, x[:40] * 1.5)
+    shared = [run(xb, W_enc, b_enc, b_dec, W_dec, dead_idx, scratch) for xb in batches]
+    for xb, (loss, x_hat, fires) in zip(batches, shared, strict=True):
+        fresh_loss, fresh_x_hat, fresh_fires = run(xb, W_enc, b_enc, b_dec, W_dec, dead_idx, None)
+        assert torch.equal(x_hat, fresh_x_hat) and torch.equal(fires, fresh_fires)
+        got = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(fresh_loss, leaves, allow_unused=True)
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_add_rows_equals_index_add():
+    g = torch.Generator().manual_seed(4)
+    target = torch.randn(50, 7, dtype=torch.float64, generator=g)
+    idx = torch.randperm(50, generator=g)[:12]
+    rows = torch.randn(12, 7, dtype=torch.float64, generator=g)
+    want = target.clone().index_add_(0, idx, rows)
+    assert torch.equal(kernels.add_rows_(target, idx, rows), want) and torch.equal(target, want)
 
 
 def test_kernels_with_nothing_active():

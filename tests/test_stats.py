@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -326,10 +325,19 @@ def test_atlas_queries_from_a_fresh_process_without_the_data(tmp_path: Path) -> 
     assert set(got["low"]) == set(np.flatnonzero((entropy == 0) & (n_refs >= 2)).tolist())
 
 
-RUNNER = """
-import sys
+# Runs compute_stats and SIGKILLs itself right after the state saved after three batches is on
+# disk, so the kill lands mid-run however fast or slow the machine is.
+KILLED_AFTER_THREE_BATCHES = """
+import os, signal, sys
+import patchsae.stats.compute as compute
 from patchsae.config import load_config
 from patchsae.stats import StatsConfig, compute_stats
+save_state = compute._save_state
+def save_then_die(partial, acc, next_batch):
+    save_state(partial, acc, next_batch)
+    if next_batch == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+compute._save_state = save_then_die
 compute_stats(load_config(StatsConfig, None, sys.argv[1:]))
 """
 
@@ -358,21 +366,20 @@ def test_kill_9_then_rerun_gives_the_same_atlas(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, *common, f"out={out}", "checkpoint_seconds=0"],
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_AFTER_THREE_BATCHES,
+            *common,
+            f"out={out}",
+            "checkpoint_seconds=0",
+        ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
     )
-    state = out / "datasets" / "store" / ".partial" / "state.safetensors"
-    deadline = time.monotonic() + 120
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert (out / "datasets" / "store" / ".partial" / "state.safetensors").is_file()
     assert not (out / "datasets" / "store" / "image_freq.npy").exists()
     run_stats(store, sae_dir, out, batch_images=1, export_tokens=True)
     ref = Atlas.open(tmp_path / "ref").dataset()

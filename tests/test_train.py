@@ -502,8 +502,8 @@ def test_a_step_makes_one_stats_and_one_fire_count_collective_per_sae(
     sweep = [{}, {"arch": "topk", "k": 4, "aux_k": 8}]
     train(config(store, tmp_path / "run", total_images=12, sweep=sweep))
     assert all(on_device for on_device, _, _ in calls)
-    relu_stats = (True, torch.float64, (7,))  # loss, ghost, l1, mse, total, fires, dead
-    topk_stats = (True, torch.float64, (6,))  # loss, aux, mse, total, fires, dead
+    relu_stats = (True, torch.float64, (8,))  # loss, ghost, l1, mse, total, fires, dead, bad inputs
+    topk_stats = (True, torch.float64, (7,))  # loss, aux, mse, total, fires, dead, bad inputs
     fire = (True, torch.int64, (32,))
     assert calls == [relu_stats, fire, topk_stats, fire] * 3
 

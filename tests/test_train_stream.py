@@ -18,9 +18,8 @@ from patchsae.data.store import ActivationStore
 from patchsae.extract import ExtractConfig, extract
 from patchsae.train import TrainConfig, train
 from patchsae.train import sources as sources_module
-from patchsae.train import trainer as trainer_module
 from patchsae.train.sources import SourceError, StoreSource, StreamSource
-from run_files import kill_after_first_checkpoint, untimed_metrics, weights
+from run_files import kill_after_first_checkpoint, train_until, untimed_metrics, weights
 from tiny_models import save_tiny_vit
 
 N_IMAGES, EVAL, T, D = 14, 2, 5, 16
@@ -226,30 +225,16 @@ def test_streaming_training_is_deterministic_by_seed(
     assert all(r["tokens"] == T * r["images"] for r in train_rows)
 
 
-class Interrupted(Exception):
-    """Stands for the process dying in the middle of a step."""
-
-
 @pytest.mark.parametrize("mode", ["images", "tokens"])
 def test_resume_from_a_mid_window_checkpoint_equals_a_straight_run(
-    model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    model: Path, images: Path, tmp_path: Path, mode: str
 ) -> None:
     extra = {}
     if mode == "tokens":
         extra = {"batch_mode": "tokens", "batch_tokens": 7, "b_dec_init": "geometric_median_tokens"}
         extra |= {"total_images": None, "total_tokens": 84}
     cfg = config(model, images, tmp_path / "cut", **extra)
-    original_step = trainer_module.train_step
-
-    def dying_step(cfg_, m, x, step, d):
-        if step == 8:
-            raise Interrupted
-        return original_step(cfg_, m, x, step, d)
-
-    monkeypatch.setattr(trainer_module, "train_step", dying_step)
-    with pytest.raises(Interrupted):
-        train(cfg)
-    monkeypatch.setattr(trainer_module, "train_step", original_step)
+    train_until(cfg, step=8)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6
     position = state["data_position"]

@@ -18,9 +18,27 @@ ALMOST_DEAD = 1e-7
 DENSE = 1e-2
 
 
+FRACTIONS = ("frac_dead", "frac_almost_dead", "frac_dense")
+
+
 @shaped
-def firing_fractions(
+def firing_fractions_tensor(
     freqs_m: Float[torch.Tensor, " d_sae"],
+    *,
+    dead: float = DEAD,
+    almost_dead: float = ALMOST_DEAD,
+    dense: float = DENSE,
+) -> Float[torch.Tensor, " 3"]:
+    """:func:`firing_fractions` as a (3,) float64 tensor on the device of ``freqs_m``, in the
+    order of ``FRACTIONS`` (no host sync)."""
+    if freqs_m.numel() == 0:
+        raise MetricsError("expected a non-empty (d_sae,) frequency vector, got an empty one")
+    masks = [freqs_m <= dead, freqs_m < almost_dead, freqs_m > dense]
+    return torch.stack([mask.double().mean() for mask in masks])
+
+
+def firing_fractions(
+    freqs_m: torch.Tensor,
     *,
     dead: float = DEAD,
     almost_dead: float = ALMOST_DEAD,
@@ -32,13 +50,8 @@ def firing_fractions(
     Returns ``frac_dead`` (frequency <= dead), ``frac_almost_dead`` (frequency < almost_dead,
     dead latents included) and ``frac_dense`` (frequency > dense).
     """
-    if freqs_m.numel() == 0:
-        raise MetricsError("expected a non-empty (d_sae,) frequency vector, got an empty one")
-    return {
-        "frac_dead": (freqs_m <= dead).double().mean().item(),
-        "frac_almost_dead": (freqs_m < almost_dead).double().mean().item(),
-        "frac_dense": (freqs_m > dense).double().mean().item(),
-    }
+    fractions = firing_fractions_tensor(freqs_m, dead=dead, almost_dead=almost_dead, dense=dense)
+    return dict(zip(FRACTIONS, fractions.tolist(), strict=True))
 
 
 class MetricsError(ValueError):
@@ -112,6 +125,13 @@ class FiringWindow:
     ) -> dict[str, float]:
         """Dead / almost-dead / dense fractions of latents over the window (firing_fractions)."""
         return firing_fractions(self.frequencies(), dead=dead, almost_dead=almost_dead, dense=dense)
+
+    def fractions_tensor(
+        self, dead: float = DEAD, almost_dead: float = ALMOST_DEAD, dense: float = DENSE
+    ) -> torch.Tensor:
+        """:meth:`fractions` as a (3,) float64 tensor in the order of ``FRACTIONS``, unread."""
+        freqs_m = self.frequencies()
+        return firing_fractions_tensor(freqs_m, dead=dead, almost_dead=almost_dead, dense=dense)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The chunks as tensors (safetensors-ready): counts (k, d_sae) int64, tokens (k,) int64."""

@@ -47,7 +47,7 @@ class ReluSAE(SAE):
         if self.cfg.use_ghost_grads and dead_mask is not None:
             dead_idx = dead_mask.nonzero().squeeze(1)
         x_hat_nd, l1_sum, pre_dead, W_dec_dead, fire_counts = kernels.relu_train(
-            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx
+            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx, self.scratch
         )
         x_hat = x_hat_nd.reshape(x.shape)
         dead = None

@@ -101,7 +101,7 @@ class TopKSAE(_KSparseSAE):
 
     def _train_codes(self, x_nd: Tensor, dead_idx: Tensor) -> tuple[Tensor, ...]:
         return kernels.topk_train(
-            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, self.cfg.k, dead_idx
+            x_nd, self.W_enc, self.b_enc, self.b_dec, self.W_dec, self.cfg.k, dead_idx, self.scratch
         )
 
 

@@ -30,7 +30,10 @@ class TrainConfig:
     activations are computed on the fly by ``model`` on the images of ``data`` (streaming).
     ``fidelity`` adds zero-shot CLIP fidelity to every evaluation. ``prefetch_batches`` batches
     are read ahead on a background thread (pinned for a CUDA device; 0 reads on the training
-    thread); ``tf32`` lets CUDA float32 matmuls use TF32 (faster, about 10 mantissa bits). The
+    thread); ``tf32`` lets CUDA float32 matmuls use TF32 (faster, about 10 mantissa bits).
+    ``sync_every`` steps pass between the host reads of the step's log values and the checks of
+    its loss (1: every step; N > 1: one read per N steps, the same metrics lines, up to N - 1
+    updates past a non-finite loss before the run stops; see docs/training.md). The
     defaults are the PatchSAE recipe; ``configs/patchsae.yaml`` spells it out.
     """
 
@@ -66,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     prefetch_batches: int = 2
     tf32: bool = False
+    sync_every: int = 1
     sweep: tuple[dict[str, Any], ...] = ()
     fidelity: FidelityConfig | None = None
 
@@ -99,6 +103,13 @@ class TrainConfig:
             raise ConfigError(f"{bad} must be positive integers")
         if self.eval_images < 0 or self.dead_feature_window < 0 or self.prefetch_batches < 0:
             raise ConfigError("eval_images, dead_feature_window and prefetch_batches must be >= 0")
+        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int):
+            raise ConfigError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
+        if self.sync_every < 1:
+            raise ConfigError(
+                f"sync_every must be >= 1 (1 reads the step's values every step), got "
+                f"{self.sync_every}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -206,7 +217,7 @@ def with_store_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # Keys that may change between a run and its resumption: they do not touch the maths.
-RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every", "prefetch_batches")
+RESUMABLE_KEYS = ("device", "wandb_project", "out", "log_every", "prefetch_batches", "sync_every")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

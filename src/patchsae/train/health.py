@@ -21,9 +21,10 @@ from patchsae.train.errors import TrainingError
 PATIENCE = 3
 
 
-def count_nonfinite(module: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def count_nonfinite(module: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
     """NaN and infinite values in the parameters of ``module`` and the floating-point state of
-    ``opt`` (one host sync)."""
+    ``opt``: a 0-d int64 tensor on their device, not read back (the trainer reads it at its next
+    sync)."""
     tensors = [p.detach() for p in module.parameters()]
     tensors += [
         value
@@ -31,9 +32,7 @@ def count_nonfinite(module: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
         for value in state.values()
         if isinstance(value, torch.Tensor) and value.is_floating_point()
     ]
-    if not tensors:
-        return 0
-    return int(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().item())
+    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum()
 
 
 def last_good_checkpoint(out: Path, before: int | None = None) -> str:
@@ -54,11 +53,9 @@ def last_good_checkpoint(out: Path, before: int | None = None) -> str:
     )
 
 
-def check_finite(
-    module: torch.nn.Module, opt: torch.optim.Optimizer, step: int, label: str, out: Path
-) -> None:
-    """Raise ``TrainingError`` when the weights or the optimiser state hold NaN or inf."""
-    bad = count_nonfinite(module, opt)
+def check_finite(bad: int, step: int, label: str, out: Path) -> None:
+    """Raise ``TrainingError`` when ``bad`` (``count_nonfinite`` read back) values of the weights
+    or the optimiser state are NaN or inf."""
     if bad:
         raise TrainingError(
             f"the run diverged by step {step}{label}: {bad} NaN/inf values in the weights or "

@@ -50,8 +50,7 @@ def update_dead_counters(counters: Tensor, fire_counts: Tensor) -> Tensor:
             f"counters {tuple(counters.shape)} and fire_counts {tuple(fire_counts.shape)} differ"
         )
     counters += 1
-    counters[fire_counts > 0] = 0
-    return counters
+    return counters.masked_fill_(fire_counts > 0, 0)  # no boolean indexing: no host sync
 
 
 @dataclass
@@ -80,14 +79,52 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * warmup_factor(step, cfg.warmup_steps)
 
 
+@dataclass
+class StepValues:
+    """One step's log values of one SAE, still on the device (``patchsae.train.sync`` reads them).
+
+    ``packed`` (len(names) + 4,) float64, summed over ranks: the loss, its terms (``names``,
+    sorted), the fire count, the dead-mask size and the number of non-finite activations.
+    """
+
+    step: int
+    names: list[str]
+    packed: Tensor
+    lr: float
+    n_tokens: int
+
+    def record(self, values: list[float], world_size: int, label: str) -> dict[str, float]:
+        """The metrics of the step from ``values`` (``packed`` read back); a ``TrainingError``
+        when the loss is not finite."""
+        *losses, fire_total, n_dead, x_bad = values
+        losses = [v / world_size for v in losses]
+        if not all(math.isfinite(v) for v in losses):
+            if x_bad:
+                raise TrainingError(
+                    f"non-finite activations in the batch of step {self.step}: the activation "
+                    "source holds NaN/Inf values. The run stopped; the last checkpoint is intact"
+                )
+            terms = ["total", *self.names]
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, losses, strict=True))
+            raise TrainingError(
+                f"non-finite loss at step {self.step}{label}: {shown}. The run stopped; the last "
+                "checkpoint is intact. Lower lr or check the activations, then --resume"
+            )
+        record = {"lr": self.lr, "loss": losses[0]}
+        record.update(zip(self.names, losses[1:], strict=True))
+        record["l0"] = fire_total / self.n_tokens
+        record["n_dead_mask"] = round(n_dead / world_size)
+        return record
+
+
 def train_step(
     cfg: TrainConfig, member: Member, x: torch.Tensor, step: int, dist: ddp.Dist
-) -> dict[str, float]:
-    """One training step of one SAE on this rank's slice ``x``; returns its log values.
+) -> StepValues:
+    """One training step of one SAE on this rank's slice ``x``; returns its log values, unread.
 
-    The loss, its terms, the fire count and the dead-mask size travel in one float64 tensor
-    (one all-reduce, one host sync). NaN/Inf activations make the loss non-finite, which stops
-    the run here, before any update.
+    Nothing here reads a device value back to the host: the loss, its terms, the fire count, the
+    dead-mask size and the count of NaN/Inf activations travel in one float64 tensor (one
+    all-reduce), which the trainer reads at its next sync (``sync_every``) and checks there.
     """
     sae = member.sae
     sae.train()
@@ -103,21 +140,10 @@ def train_step(
             *(out.terms[k].detach().double() for k in names),
             fire_local.sum().double(),
             dead.sum().double(),
+            (~torch.isfinite(x)).sum().double(),
         ]
     )
-    *losses, fire_total, n_dead = ddp.all_reduce_sum_(packed, dist).tolist()
-    losses = [v / dist.world_size for v in losses]
-    if not all(math.isfinite(v) for v in losses):
-        if not torch.isfinite(x).all():
-            raise TrainingError(
-                f"non-finite activations in the batch of step {step}: the activation source "
-                "holds NaN/Inf values. The run stopped; the last checkpoint is intact"
-            )
-        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total", *names], losses, strict=True))
-        raise TrainingError(
-            f"non-finite loss at step {step}{member.label}: {values}. The run stopped; the last "
-            "checkpoint is intact. Lower lr or check the activations, then --resume"
-        )
+    ddp.all_reduce_sum_(packed, dist)
     fire = ddp.all_reduce_sum_(fire_local.clone(), dist)
     update_dead_counters(member.counters, fire)
     n_tokens = x.numel() // x.shape[-1] * dist.world_size
@@ -129,8 +155,4 @@ def train_step(
     for group in member.opt.param_groups:
         group["lr"] = lr
     member.opt.step()
-    record = {"lr": lr, "loss": losses[0]}
-    record.update(zip(names, losses[1:], strict=True))
-    record["l0"] = fire_total / n_tokens
-    record["n_dead_mask"] = round(n_dead / dist.world_size)
-    return record
+    return StepValues(step, names, packed, lr, n_tokens)

@@ -17,6 +17,9 @@ in a sweep) ``metrics.jsonl`` and, at the end, ``sae.safetensors`` + ``cfg.json`
 Batches are read ahead on a background thread (``prefetch_batches``, pinned for CUDA); the
 metrics log the seconds the loop waited for input (``input_wait_s``) and ran (``elapsed_s``).
 
+The step's values stay on the device; every ``sync_every`` steps and at every checkpoint,
+evaluation and the end they are read back at once, checked and logged (``patchsae.train.sync``).
+
 Evaluation (step 0, every ``eval_every`` steps, the end) logs ``reconstruction_metrics`` on the
 held-out images (``eval_images``) and, with ``fidelity``, ``downstream_fidelity`` on labelled
 images through the CLIP backbone (rank 0 only).
@@ -61,11 +64,11 @@ from patchsae.train.checkpoint import (
 )
 from patchsae.train.config import TrainConfig, check_schedule, config_differences
 from patchsae.train.errors import TrainingError
-from patchsae.train.health import check_finite
 from patchsae.train.log import METRICS, Logger, truncate_metrics
 from patchsae.train.optim import adam
 from patchsae.train.sources import BatchSource, open_source
 from patchsae.train.step import Member, lr_at, train_step
+from patchsae.train.sync import Pending
 
 TRAIN_CONFIG = "train_config.json"
 
@@ -356,16 +359,16 @@ def _train(cfg: TrainConfig, resume: bool, dist: ddp.Dist, held: contextlib.Exit
         total=n_steps, initial=progress["step"], unit="step", disable=not dist.is_main, desc="train"
     )
     t0, tokens0, waited = time.perf_counter(), progress["tokens"], 0.0
+    pending, loss = Pending(log, dist.world_size, out), float("nan")
     try:
         while progress["step"] < n_steps:
             start = time.perf_counter()
             x_global, position = next(batches)
             waited += time.perf_counter() - start
             x = x_global[dist.slice(x_global.shape[0])].to(dist.device, non_blocking=True)
-            step = progress["step"]
-            records = [train_step(cfg, member, x, step, dist) for member in members]
+            values = [train_step(cfg, member, x, progress["step"], dist) for member in members]
             n_tokens = x_global.numel() // x_global.shape[-1]
-            progress["step"] = step + 1
+            progress["step"] += 1
             progress["tokens"] += n_tokens
             progress["images"] += (
                 x_global.shape[0] if cfg.batch_mode == "images" else n_tokens / tpi
@@ -373,30 +376,19 @@ def _train(cfg: TrainConfig, resume: bool, dist: ddp.Dist, held: contextlib.Exit
             progress["data_position"] = position
             elapsed = max(time.perf_counter() - t0, 1e-9)
             rate = (progress["tokens"] - tokens0) / elapsed
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{records[0]['loss']:.4g}", refresh=False)
             done = progress["step"] == n_steps
             logging = progress["step"] % cfg.log_every == 0 or done
             saving = progress["step"] % cfg.checkpoint_every == 0 or done
-            if logging or saving:
-                for member in members:
-                    check_finite(member.sae, member.opt, progress["step"], member.label, out)
-            if logging:
-                for member, record in zip(members, records, strict=True):
-                    head = {k: progress[k] for k in ("step", "images", "tokens")}
-                    line = {
-                        **head,
-                        **record,
-                        **member.firing.fractions(),
-                        "tokens_per_s": rate,
-                        "input_wait_s": waited,
-                        "elapsed_s": elapsed,
-                    }
-                    warning = member.watch.observe(
-                        "dead", line["frac_dead"] >= 1.0, progress["step"], member.label, out
-                    )
-                    log.log(member, {**line, "warning": warning} if warning else line)
-            if evaluating and dist.is_main and (progress["step"] % cfg.eval_every == 0 or done):
+            scoring = evaluating and (progress["step"] % cfg.eval_every == 0 or done)
+            line = {k: progress[k] for k in ("step", "images", "tokens")}
+            line |= {"tokens_per_s": rate, "input_wait_s": waited, "elapsed_s": elapsed}
+            checking = logging or saving
+            pending.add(members, values, progress["step"], line if logging else None, checking)
+            if saving or scoring or progress["step"] % cfg.sync_every == 0:
+                loss = pending.sync()
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{rate:.3g}", loss=f"{loss:.4g}", refresh=False)
+            if scoring and dist.is_main:
                 _evaluate(cfg, members, source, fidelity, progress, log)
             if dist.is_main and saving:
                 _checkpoint(cfg, members, progress, source)
