@@ -26,6 +26,7 @@ from patchsae.stats import (
     StatsError,
     compute_stats,
     label_entropy,
+    token_set,
 )
 from tiny_stores import make_store
 
@@ -196,6 +197,66 @@ def test_streaming_top_k_merge_equals_a_full_sort(data: list[list[int]], k: int,
         assert got["top_labels"][j].tolist() == np.where(want >= 0, labels[want], -1).tolist()
         assert got["top_values"][j].tolist() == [values[i, j] if i >= 0 else 0.0 for i in want]
         assert got["mean_act_fired"][j] == (values[firing, j].mean() if len(firing) else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block_elements", "include_cls", "aggregate", "grid"),
+    [
+        (torch.float32, 2**17, True, "mean", (3, 4)),  # several whole images per block
+        (torch.float32, 1, False, "mean", (3, 4)),  # one token per block
+        (torch.float64, 7, True, "max", (3, 4)),  # runs of a few tokens
+        (torch.bfloat16, 40, True, "mean", (16, 17)),  # counts above 256 stay exact
+    ],
+)
+def test_counts_match_a_per_token_loop(
+    monkeypatch, dtype, block_elements, include_cls, aggregate, grid
+) -> None:
+    """Codes with exact zeros, negatives, values equal to the threshold and just above it,
+    registers between CLS and the patches, blocks cut anywhere in an image."""
+    from patchsae.stats import accumulate
+
+    monkeypatch.setattr(accumulate, "BLOCK_ELEMENTS", block_elements)
+    layout = TokenLayout(
+        n_tokens=3 + grid[0] * grid[1], cls_index=0, patch_start=3, grid=grid, extra_indices=(1, 2)
+    )
+    n, t, m, thr = 12, layout.n_tokens, 5, 0.2
+    thr_cast = torch.tensor(thr, dtype=dtype).item()  # codes are compared in their own dtype
+    above_thr = torch.nextafter(torch.tensor(thr_cast, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    rng = np.random.default_rng(0)
+    choices = [0.0, 0.0, 0.0, -0.3, thr_cast, above_thr.item(), 1e-30, 0.7, 3.0]
+    values = rng.choice(np.asarray(choices), size=(n, t, m))
+    values[:, :, 0] = 1.0  # fires on every token: more than 256 per image in the large grid
+    values[:, :, 1] = thr_cast  # ties with the threshold: never above it
+    codes = torch.from_numpy(values).to(dtype)
+    labels = rng.integers(-1, 3, n)
+    acc = LatentAccumulator(
+        m, layout, n_classes=3, threshold=thr, aggregate=aggregate, include_cls=include_cls
+    )
+    for lo, hi in ((0, 7), (7, n)):
+        index = torch.arange(lo, hi)
+        acc.update(codes[lo:hi], index, index, torch.from_numpy(labels[lo:hi]))
+    x = codes.double().numpy()
+    tokens = set(token_set(layout, include_cls))
+    cls_fire, patch_fire, dataset = np.zeros(m, int), np.zeros(m, int), np.zeros(m, int)
+    class_counts = np.zeros((3, m), int)
+    for i in range(n):
+        for tok in range(t):
+            for j in range(m):
+                cls_fire[j] += tok == layout.cls_index and x[i, tok, j] > 0
+                patch_fire[j] += tok in layout.patch_indices and x[i, tok, j] > 0
+                if tok in tokens and x[i, tok, j] > thr_cast:
+                    dataset[j] += 1
+                    class_counts[labels[i], j] += labels[i] >= 0
+    s = {key: value.numpy() for key, value in acc.state.items()}
+    np.testing.assert_array_equal(s["cls_fire_count"], cls_fire)
+    np.testing.assert_array_equal(s["patch_fire_count"], patch_fire)
+    np.testing.assert_array_equal(s["dataset_counts"], dataset)
+    np.testing.assert_array_equal(s["class_counts"], class_counts)
+    assert s["dataset_counts"][1] == 0 and s["patch_fire_count"][0] == n * layout.n_patches
+    img = x[:, sorted(tokens)]
+    img = img.max(1) if aggregate == "max" else img.mean(1)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    np.testing.assert_allclose(s["act_sum"], img.sum(0), rtol=tol, atol=1e-9)
 
 
 def test_store_without_labels_skips_class_statistics(tmp_path: Path, capsys) -> None:
@@ -810,18 +871,3 @@ def test_verify_finds_an_atlas_array_changed_in_place(tmp_path: Path, capsys) ->
     assert verify(tmp_path / "atlas") == [
         f"{folder} is incomplete (stats was interrupted); rerun it"
     ]
-
-
-def test_every_architecture_encodes_nonnegative_codes() -> None:
-    """compute_stats counts positive codes with ``sign`` on this promise."""
-    from patchsae.sae.registry import available_archs
-
-    torch.manual_seed(0)
-    x = torch.randn(64, D) * 3
-    for arch in available_archs():
-        k = {"k": 4, "aux_k": 4} if arch in ("topk", "batchtopk") else {}
-        sae = make_sae(SAEConfig(arch=arch, d_in=D, d_sae=M, dtype="float64", **k))
-        with torch.no_grad():
-            sae.b_enc.normal_()
-            codes = sae.encode(x.double())
-        assert codes.min() >= 0 and (codes > 0).any(), arch

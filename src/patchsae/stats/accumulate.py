@@ -25,6 +25,8 @@ from patchsae.backbones import TokenLayout
 
 Aggregate = Literal["mean", "max"]
 EMPTY = -1
+BLOCK_ELEMENTS = 2**17  # codes per CPU thread in a block: with their 0/1 scratch, 1.5 MiB fp32
+DEVICE_BLOCK_ELEMENTS = 2**24
 
 
 class StatsError(ValueError):
@@ -67,9 +69,6 @@ def label_entropy(values_mk: np.ndarray, labels_mk: np.ndarray) -> np.ndarray:
 class LatentAccumulator:
     """Streaming per-latent statistics over images given as SAE codes (B, T, d_sae).
 
-    ``nonnegative=True`` promises codes >= 0 (every SAE architecture ends in a ReLU), which lets
-    the count of positive codes use one ``sign`` pass instead of a comparison.
-
     Feed batches in pass order with :meth:`update`; :meth:`state_dict` / :meth:`load_state_dict`
     save and restore everything (resume), :meth:`result` returns the final arrays.
     """
@@ -84,7 +83,6 @@ class LatentAccumulator:
         threshold: float = 0.2,
         aggregate: Aggregate = "mean",
         include_cls: bool = True,
-        nonnegative: bool = False,
     ) -> None:
         if top_k < 1:
             raise StatsError(f"top_k must be >= 1, got {top_k}")
@@ -97,8 +95,7 @@ class LatentAccumulator:
         self.n_set = len(token_set(layout, include_cls))
         self.segments = _segments(token_set(layout, include_cls))
         self.include_cls = include_cls and layout.cls_index is not None
-        self.nonnegative = nonnegative
-        self._buf = torch.empty(0)
+        self._scratch = torch.empty(0, d_sae)  # reused: no fresh pages on every batch
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
         self.state: dict[str, Tensor] = {
@@ -118,14 +115,6 @@ class LatentAccumulator:
             "top_labels": torch.full((m, k), EMPTY, dtype=i64),
         }
 
-    def _buffer(self, like: Tensor) -> Tensor:
-        """A reused scratch tensor shaped and typed like ``like``."""
-        n = like.numel()
-        buf = self._buf
-        if buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
-        return self._buf[:n].view(like.shape)
-
     @staticmethod
     def _token_sum(view_btm: Tensor) -> Tensor:
         """(B, d_sae): sum over tokens of (B, t, d_sae), as one batched product with ones (far
@@ -135,38 +124,76 @@ class LatentAccumulator:
         )
         return torch.bmm(ones, view_btm).squeeze(1)
 
-    def _count_above(self, view_btm: Tensor, threshold: float) -> Tensor:
-        """(B, d_sae) int64: tokens of ``view_btm`` (B, t, d_sae) whose code is > threshold.
+    def _blocks(self, n_images: int, device: torch.device) -> list[tuple[slice, slice]]:
+        """(images, tokens) slices of the blocks that cover a batch's token set.
 
-        The comparison is written as 0/1 floats into a reused buffer and summed by
-        ``_token_sum`` (exact: float sums of 0/1 are exact integers below 2**24 tokens); for
-        nonnegative codes and threshold 0, ``sign`` writes the same 0/1 in one cheaper pass."""
-        buf = self._buffer(view_btm)
-        if self.nonnegative and threshold == 0.0:
-            torch.sign(view_btm, out=buf)
-        else:
-            torch.gt(view_btm, threshold, out=buf)
-        return self._token_sum(buf).long()
+        A block holds about ``BLOCK_ELEMENTS`` codes per CPU thread, so that it and its scratch
+        stay in the cores' caches (a long segment is cut into near-equal token runs of one
+        image), or ``DEVICE_BLOCK_ELEMENTS`` on an accelerator (few large kernels)."""
+        cpu = device.type == "cpu"
+        per_block = BLOCK_ELEMENTS * torch.get_num_threads() if cpu else DEVICE_BLOCK_ELEMENTS
+        rows = max(1, per_block // self.d_sae)
+        blocks = []
+        for start, stop in self.segments:
+            length = stop - start
+            if rows >= length:
+                step = rows // length
+                images = [slice(i, i + step) for i in range(0, n_images, step)]
+                blocks += [(i, slice(start, stop)) for i in images]
+            else:
+                parts = -(-length // rows)
+                bounds = [start + length * p // parts for p in range(parts + 1)]
+                runs = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+                blocks += [(slice(i, i + 1), run) for i in range(n_images) for run in runs]
+        return blocks
+
+    def _count(self, codes_btm: Tensor) -> tuple[Tensor, Tensor]:
+        """Over the token set: the (image, token) pairs with code > 0 summed over the batch,
+        (d_sae,) int64, and per image the tokens with code > threshold, (B, d_sae) int64.
+
+        Block by block (:meth:`_blocks`), one broadcast comparison writes both 0/1 masks into
+        a reused float32 scratch and one batched product with ones adds them to per-image
+        float32 sums (exact: float sums of 0/1 are exact integers below 2**24 tokens). A block
+        is read from memory once for both comparisons and its scratch never leaves the cache.
+        """
+        b, m, device = codes_btm.shape[0], self.d_sae, codes_btm.device
+        blocks = self._blocks(b, device)
+        rows = max((i.stop - i.start) * (t.stop - t.start) for i, t in blocks)
+        if self._scratch.shape[0] < 2 * rows or self._scratch.device != device:
+            self._scratch = torch.empty(2 * rows, m, device=device)
+        sums = torch.zeros(b, 2, 1, m, device=device)  # per image: [code > 0, code > threshold]
+        thresholds = torch.tensor([0.0, self.threshold], dtype=codes_btm.dtype, device=device)
+        ones = torch.ones(2 * rows, 1, rows, device=device)
+        for images, tokens in blocks:
+            block = codes_btm[images, tokens]
+            n_img, n_tok = block.shape[:2]
+            masks = self._scratch[: 2 * n_img * n_tok].view(n_img, 2, n_tok, m)
+            torch.gt(block[:, None], thresholds.view(1, 2, 1, 1), out=masks)
+            sums[images].view(2 * n_img, 1, m).baddbmm_(
+                ones[: 2 * n_img, :, :n_tok], masks.view(2 * n_img, n_tok, m)
+            )
+        counts = sums.squeeze(2).long()
+        return counts[:, 0].sum(0), counts[:, 1]
 
     def reduce(self, codes_btm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per image and latent, over the token set: image-level activation (B, d_sae) float64,
-        tokens with code > 0 and tokens with code > threshold, (B, d_sae) int64 each."""
-        img = pos = above = None
+        """Per image and latent, over the token set: image-level activation (B, d_sae) float64;
+        then the counts of :meth:`_count`: positive (image, token) pairs (d_sae,) and tokens
+        above the threshold (B, d_sae), int64."""
+        img = None
         for start, stop in self.segments:
             view = codes_btm[:, start:stop]
             if self.aggregate == "mean":
                 part = self._token_sum(view).double()
             else:
                 part = view.amax(1).double()
-            p, a = self._count_above(view, 0.0), self._count_above(view, self.threshold)
             if img is None:
-                img, pos, above = part, p, a
+                img = part
             else:
                 img = img + part if self.aggregate == "mean" else torch.maximum(img, part)
-                pos, above = pos + p, above + a
-        assert img is not None and pos is not None and above is not None
+        assert img is not None
         if self.aggregate == "mean":
             img = img / self.n_set
+        pos, above = self._count(codes_btm)
         return img.cpu(), pos.cpu(), above.cpu()
 
     def image_activations(self, codes_btm: Tensor) -> Tensor:
@@ -189,7 +216,7 @@ class LatentAccumulator:
                 f"labels must lie in -1..{self.n_classes - 1} (the class names known), got "
                 f"{int(labels.min())}..{int(labels.max())}: the labels and class names disagree"
             )
-        img_bm, pos_bm, above_bm = self.reduce(codes_btm)
+        img_bm, pos_m, above_bm = self.reduce(codes_btm)
         fires = img_bm > 0
         s["n_images"] += len(img_bm)
         s["image_fire_count"] += fires.sum(0)
@@ -201,9 +228,9 @@ class LatentAccumulator:
             s["cls_fire_count"] += cls_pos
         if self.include_cls:
             assert cls_pos is not None
-            s["patch_fire_count"] += pos_bm.sum(0) - cls_pos
+            s["patch_fire_count"] += pos_m - cls_pos
         else:
-            s["patch_fire_count"] += pos_bm.sum(0)
+            s["patch_fire_count"] += pos_m
         s["dataset_counts"] += above_bm.sum(0)
         labelled = labels >= 0
         if labelled.any():

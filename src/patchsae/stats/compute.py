@@ -441,7 +441,6 @@ def _compute_locked(
         threshold=cfg.threshold,
         aggregate=cfg.aggregate,
         include_cls=cfg.include_cls,
-        nonnegative=True,  # every architecture's encode ends in a ReLU (tested)
     )
     t1 = time.perf_counter()
     _stream_pass(cfg, sae, stream, acc, folder / PARTIAL, batch_size, has_labels)
