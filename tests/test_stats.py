@@ -259,6 +259,22 @@ def test_counts_match_a_per_token_loop(
     np.testing.assert_allclose(s["act_sum"], img.sum(0), rtol=tol, atol=1e-9)
 
 
+@pytest.mark.parametrize("d_sae", [1, 3, 6144, 2**20])
+def test_count_blocks_cover_each_token_once_within_the_batch(d_sae: int) -> None:
+    """Blocks tile the batch's token set exactly, never reach past the last image (a narrow
+    SAE once sized its blocks, and a quadratic ones tensor, by images the batch did not have)."""
+    layout = TokenLayout(n_tokens=5 + 9, cls_index=0, patch_start=5, grid=(3, 3))
+    acc = LatentAccumulator(d_sae, layout, n_classes=1)
+    for n_images in (1, 2, 7):
+        covered = np.zeros((n_images, layout.n_tokens), dtype=int)
+        for images, tokens in acc._blocks(n_images, torch.device("cpu")):
+            assert 0 <= images.start < images.stop <= n_images
+            covered[images, tokens] += 1
+        want = np.zeros(layout.n_tokens, dtype=int)
+        want[token_set(layout, True)] = 1
+        assert (covered == want).all()
+
+
 def test_store_without_labels_skips_class_statistics(tmp_path: Path, capsys) -> None:
     store, sae_dir, acts = make_inputs(tmp_path, labels=False)
     run_stats(store, sae_dir, tmp_path / "atlas")

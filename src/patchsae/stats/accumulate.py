@@ -138,7 +138,7 @@ class LatentAccumulator:
             length = stop - start
             if rows >= length:
                 step = rows // length
-                images = [slice(i, i + step) for i in range(0, n_images, step)]
+                images = [slice(i, min(i + step, n_images)) for i in range(0, n_images, step)]
                 blocks += [(i, slice(start, stop)) for i in images]
             else:
                 parts = -(-length // rows)
@@ -163,7 +163,9 @@ class LatentAccumulator:
             self._scratch = torch.empty(2 * rows, m, device=device)
         sums = torch.zeros(b, 2, 1, m, device=device)  # per image: [code > 0, code > threshold]
         thresholds = torch.tensor([0.0, self.threshold], dtype=codes_btm.dtype, device=device)
-        ones = torch.ones(2 * rows, 1, rows, device=device)
+        most_images = max(i.stop - i.start for i, _ in blocks)
+        most_tokens = max(t.stop - t.start for _, t in blocks)
+        ones = torch.ones(2 * most_images, 1, most_tokens, device=device)
         for images, tokens in blocks:
             block = codes_btm[images, tokens]
             n_img, n_tok = block.shape[:2]
