@@ -480,6 +480,17 @@ def test_reused_scratch_gives_the_fresh_buffers_results(arch, offset):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_parallel_component_with_a_work_buffer_gives_the_same_projection():
+    g = torch.Generator().manual_seed(5)
+    W_dec = recipe.normalize_rows_(torch.randn(40, 9, generator=g))
+    grad = torch.randn(40, 9, generator=g)
+    want = grad - torch.linalg.vecdot(grad, W_dec)[:, None] * W_dec
+    work = torch.full((40, 9), float("nan"))
+    plain = recipe.remove_parallel_component_(grad.clone(), W_dec)
+    assert torch.equal(recipe.remove_parallel_component_(grad.clone(), W_dec, work), plain)
+    assert torch.allclose(plain, want, atol=1e-6)
+
+
 def test_add_rows_equals_index_add():
     g = torch.Generator().manual_seed(4)
     target = torch.randn(50, 7, dtype=torch.float64, generator=g)

@@ -125,7 +125,8 @@ class SAE(nn.Module):
         """Remove from W_dec.grad its component along each W_dec row (no-op unless
         cfg.normalize_decoder or without a gradient)."""
         if self.cfg.normalize_decoder and self.W_dec.grad is not None:
-            recipe.remove_parallel_component_(self.W_dec.grad, self.W_dec.data)
+            work = self.scratch.get("w_dec_products", tuple(self.W_dec.shape), self.W_dec)
+            recipe.remove_parallel_component_(self.W_dec.grad, self.W_dec.data, work)
 
     def _check_dead_mask(self, dead_mask: Tensor | None) -> None:
         recipe.check_dead_mask(dead_mask, self.cfg.d_sae)

@@ -285,10 +285,12 @@ def normalize_rows_(W_dec: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def remove_parallel_component_(grad: Tensor, W_dec: Tensor) -> Tensor:
+def remove_parallel_component_(grad: Tensor, W_dec: Tensor, work: Tensor | None = None) -> Tensor:
     """In place ``grad[i] -= (grad[i] . W_dec[i]) W_dec[i]`` for each row; grad, W_dec (m, d).
 
-    Exactly tangent to the unit sphere only when the rows of W_dec have unit norm.
+    Exactly tangent to the unit sphere only when the rows of W_dec have unit norm. ``work``, an
+    (m, d) buffer, receives the elementwise products instead of a fresh tensor (same values as
+    ``torch.linalg.vecdot``).
     """
-    parallel = torch.linalg.vecdot(grad, W_dec).unsqueeze(-1)
+    parallel = torch.mul(grad, W_dec, out=work).sum(-1).unsqueeze(-1)
     return grad.addcmul_(parallel, W_dec, value=-1)
