@@ -331,36 +331,6 @@ def test_weight_grad_sparse_paths(dense_columns):
     grad[:, 7 : 7 + dense_columns] = torch.randn(64, dense_columns, dtype=torch.float64)
     assert kernels.density(grad) <= kernels.SPARSE_MAX_DENSITY
     assert rel_err(kernels.weight_grad(x, grad), x.t() @ grad) < 1e-12
-    by_latent = kernels.weight_grad(x, grad, by_latent=True)
-    assert by_latent.t().is_contiguous() and rel_err(by_latent, x.t() @ grad) < 1e-12
-    dense = torch.randn(64, 300, dtype=torch.float64)
-    assert kernels.weight_grad(x, dense, by_latent=True).t().is_contiguous()
-
-
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
-@pytest.mark.parametrize("offset", [-3.0, 0.0])
-def test_w_enc_is_latent_major_and_its_gradient_too(arch, offset):
-    """W_enc (d, m) is stored latent by latent, so the sparse step writes its gradient with no
-    transposed copy; the gradient has W_enc's layout (the optimiser's moments follow it) and
-    the values of a contiguous W_enc."""
-    x = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    k = {"k": 4, "aux_k": 6} if arch in ("topk", "batchtopk") else {}
-    grads = []
-    for latent_major in (True, False):
-        torch.manual_seed(0)
-        sae = make_sae(SAEConfig(arch=arch, d_in=8, d_sae=400, dtype="float64", **k))
-        with torch.no_grad():
-            sae.b_enc.add_(offset)
-        if arch == "relu":
-            sparse = kernels.density(sae.encode(x).detach()) <= kernels.SPARSE_MAX_DENSITY
-            assert sparse == (offset < 0)
-        assert kernels.latent_major(sae.W_enc)
-        if not latent_major:
-            sae.W_enc = torch.nn.Parameter(sae.W_enc.detach().contiguous())
-        sae.loss(x, dead_mask=torch.arange(sae.cfg.d_sae) % 5 == 0).total.backward()
-        assert sae.W_enc.grad.stride() == sae.W_enc.stride()
-        grads.append(sae.W_enc.grad)
-    assert rel_err(grads[0], grads[1]) < 1e-12
 
 
 def _fused_inputs(m: int, offset: float, n_dead: int, seed: int = 2):

@@ -117,9 +117,8 @@ def average_gradients_(module: nn.Module, d: Dist) -> None:
         return
     for p in module.parameters():
         if p.grad is not None:
-            grad = p.grad if p.grad.is_contiguous() else p.grad.t()  # latent-major W_enc
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            grad.div_(d.world_size)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(d.world_size)
 
 
 def broadcast_(t: torch.Tensor, d: Dist, src: int = 0) -> torch.Tensor:

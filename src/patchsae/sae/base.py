@@ -59,10 +59,7 @@ class SAE(nn.Module):
             nn.init.kaiming_uniform_(W_dec)
             recipe.normalize_rows_(W_dec)
             W_enc.copy_(W_dec.t())
-        # Stored latent-major (W_enc.t() contiguous): the sparse step computes W_enc's gradient
-        # latent by latent, which then needs no (d_in, d_sae) transposed copy; matmuls take
-        # either layout at the same speed.
-        self.W_enc = nn.Parameter(W_enc.t().contiguous().t())
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(b_enc)
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(b_dec)

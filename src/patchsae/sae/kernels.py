@@ -118,23 +118,6 @@ def decode(codes_nm: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     return decode_entries(rows, cols, codes_nm[rows, cols], W_dec, n) + b_dec
 
 
-def latent_major(W_enc: Tensor) -> bool:
-    """Whether ``W_enc`` (d, m) is stored latent by latent (its transpose is contiguous), as
-    ``SAE`` keeps it: the sparse gradients come out latent by latent and then need no copy."""
-    return W_enc.t().is_contiguous()
-
-
-def _from_rows(grad_md: Tensor, by_latent: bool) -> Tensor:
-    """The (d, m) transpose of ``grad_md`` (m, d): a view if ``by_latent`` (latent-major
-    wanted), else a contiguous copy."""
-    return grad_md.t() if by_latent else grad_md.t().contiguous()
-
-
-def _dense_weight_grad(x_nd: Tensor, grad_nm: Tensor, by_latent: bool) -> Tensor:
-    """``x_nd.T @ grad_nm`` (d, m) by one GEMM, latent-major if ``by_latent`` else contiguous."""
-    return (grad_nm.t() @ x_nd).t() if by_latent else x_nd.t() @ grad_nm
-
-
 def add_rows_(target: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
     """``target[idx] += rows`` in place for distinct ``idx`` (k,), rows (k, d); returns target.
 
@@ -184,15 +167,14 @@ def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tupl
         add_rows_(grad_w_dec, dead_idx, grad_w_dec_dead)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        W_enc_md = W_enc.t().contiguous()  # a view when W_enc is latent-major
+        W_enc_md = W_enc.t().contiguous()
         grad_x = F.embedding_bag(
             cols, W_enc_md, _offsets(rows, n), mode="sum", per_sample_weights=grad_values
         )
         if grad_pre_dead is not None:
             grad_x += grad_pre_dead @ W_enc_md[dead_idx]
     grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc
-    grad_w_enc = _from_rows(grad_w_enc_md, latent_major(W_enc))
-    return grad_x, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec
+    return grad_x, grad_w_enc_md.t().contiguous(), grad_b_enc, grad_b_dec, grad_w_dec
 
 
 def _dense_grads(ctx, grad_x_hat: Tensor, grad_l1: Tensor | None, grads_dead: tuple) -> tuple:
@@ -212,8 +194,7 @@ def _dense_grads(ctx, grad_x_hat: Tensor, grad_l1: Tensor | None, grads_dead: tu
     grad_w_dec = codes.t() @ grad_x_hat
     if grad_w_dec_dead is not None:
         add_rows_(grad_w_dec, dead_idx, grad_w_dec_dead)
-    grad_w_enc = _dense_weight_grad(x_centred, grad_pre, latent_major(W_enc))
-    return grad_x, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec
+    return grad_x, x_centred.t() @ grad_pre, grad_b_enc, grad_b_dec, grad_w_dec
 
 
 class _ReluTrain(torch.autograd.Function):
@@ -342,16 +323,15 @@ def topk_train(
     return _TopKTrain.apply(x_nd, W_enc, b_enc, b_dec, W_dec, k, dead_idx, scratch)
 
 
-def weight_grad(x_nd: Tensor, grad_nm: Tensor, by_latent: bool = False) -> Tensor:
-    """``x_nd.T @ grad_nm`` (d, m), using only the nonzero entries of a sparse ``grad_nm``;
-    stored latent-major (its transpose contiguous) if ``by_latent``, else contiguous.
+def weight_grad(x_nd: Tensor, grad_nm: Tensor) -> Tensor:
+    """``x_nd.T @ grad_nm`` (d, m), using only the nonzero entries of a sparse ``grad_nm``.
 
     Columns of ``grad_nm`` denser than ``DENSE_COLUMN_DENSITY`` (dead latents under ghost grads)
     go through a dense GEMM over those columns; the other entries through ``embedding_bag``.
     """
     n, m = grad_nm.shape
     if density(grad_nm) > SPARSE_MAX_DENSITY:
-        return _dense_weight_grad(x_nd, grad_nm, by_latent)
+        return x_nd.t() @ grad_nm
     rows, cols = grad_nm.nonzero(as_tuple=True)
     values = grad_nm[rows, cols]
     col_counts = torch.bincount(cols, minlength=m)
@@ -366,7 +346,7 @@ def weight_grad(x_nd: Tensor, grad_nm: Tensor, by_latent: bool = False) -> Tenso
     )
     if dense_cols.numel() > 0:
         grad_md[dense_cols] = grad_nm[:, dense_cols].t() @ x_nd
-    return _from_rows(grad_md, by_latent)
+    return grad_md.t().contiguous()
 
 
 class _Encode(torch.autograd.Function):
@@ -385,7 +365,7 @@ class _Encode(torch.autograd.Function):
         need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad
         grad_b_enc = grad_nm.sum(0)
         grad_x = grad_nm @ W_enc.t() if need_x else None
-        grad_w = weight_grad(x_centred, grad_nm, latent_major(W_enc)) if need_w else None
+        grad_w = weight_grad(x_centred, grad_nm) if need_w else None
         grad_b_dec = -(W_enc @ grad_b_enc) if need_b_dec else None
         return grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec
 

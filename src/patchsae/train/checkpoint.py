@@ -68,10 +68,6 @@ def load_optimizer(
             idx, key = name[len(head) :].split(".", 1)
             state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": groups})
-    for param, param_state in opt.state.items():  # moments laid out as their parameter
-        for key, value in param_state.items():
-            if value.shape == param.shape and value.stride() != param.stride():
-                param_state[key] = torch.empty_like(param).copy_(value)
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
