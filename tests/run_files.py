@@ -35,18 +35,26 @@ def untimed_metrics(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMED} for r in metrics(folder)]
 
 
-# Runs ``patchsae train`` and SIGKILLs itself right after its first checkpoint is complete, so
-# the kill lands mid-run however fast or slow the machine is.
-KILLED_AFTER_FIRST_CHECKPOINT = """
+CLI_MAIN = "from patchsae.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def dies_after(target: str, when: str = "True", main: str = CLI_MAIN) -> str:
+    """Python source for ``python -c``: it wraps the function ``target`` ("module.name") so that
+    the process SIGKILLs itself right after a call whose arguments ``args`` make ``when`` true,
+    then runs ``main`` (the CLI on sys.argv[1:] by default). The kill then lands at a chosen
+    point of the run however fast or slow the machine is."""
+    module, name = target.rsplit(".", 1)
+    return f"""
 import os, signal, sys
-import patchsae.train.trainer as trainer
-from patchsae.cli import main
-write_checkpoint = trainer.write_checkpoint
-def write_then_die(*args):
-    write_checkpoint(*args)
-    os.kill(os.getpid(), signal.SIGKILL)
-trainer.write_checkpoint = write_then_die
-sys.exit(main(sys.argv[1:]))
+import {module} as target
+original = target.{name}
+def call_then_die(*args):
+    out = original(*args)
+    if {when}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+target.{name} = call_then_die
+{main}
 """
 
 
@@ -56,7 +64,8 @@ def kill_after_first_checkpoint(cfg: Any, work: Path) -> dict:
     cfg_file = work / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, "train", str(cfg_file)],
+        [sys.executable, "-c", dies_after("patchsae.train.trainer.write_checkpoint"), "train"]
+        + [str(cfg_file)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

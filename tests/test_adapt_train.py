@@ -33,6 +33,7 @@ from patchsae.cli import main
 from patchsae.config import ConfigError, load_config
 from patchsae.data.images import DataConfig, open_images
 from patchsae.lock import FolderLock
+from run_files import dies_after
 from tiny_models import tiny_clip
 
 GOLDEN = SHARED / "golden" / "maple"
@@ -218,24 +219,11 @@ def test_base_to_novel_plan_and_results(tiny_folder, tmp_path):
         assert hm == pytest.approx(harmonic_mean(scored["base"][model], scored["novel"][model]))
 
 
-# Runs the CLI and SIGKILLs itself right after its first checkpoint is on disk, so the kill lands
-# mid-run however fast or slow the machine is.
-KILLED_AFTER_FIRST_CHECKPOINT = """
-import os, signal, sys
-import patchsae.adapt.train as train
-from patchsae.cli import main
-save_checkpoint = train._save_checkpoint
-def save_then_die(*args):
-    save_checkpoint(*args)
-    os.kill(os.getpid(), signal.SIGKILL)
-train._save_checkpoint = save_then_die
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def cli(args: list[str], killed: bool = False) -> subprocess.Popen:
     """``patchsae adapt maple ARGS`` in a subprocess; ``killed`` dies after its first checkpoint."""
-    program = ["-c", KILLED_AFTER_FIRST_CHECKPOINT] if killed else ["-m", "patchsae"]
+    program = ["-m", "patchsae"]
+    if killed:
+        program = ["-c", dies_after("patchsae.adapt.train._save_checkpoint")]
     return subprocess.Popen(
         [sys.executable, *program, "adapt", "maple", *args],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

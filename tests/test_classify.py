@@ -34,6 +34,7 @@ from patchsae.classify.masking import SORT_CHUNK
 from patchsae.data import DataConfig
 from patchsae.metrics.fidelity import text_cache_key, zero_shot_classifier
 from patchsae.sae import SAEConfig, make_sae
+from run_files import dies_after
 from tiny_atlas import build_atlas, image_folder
 from tiny_models import tiny_clip as build_tiny_clip
 
@@ -315,20 +316,11 @@ def test_classify_resumes_to_the_same_csv(world, tmp_path):
         assert (whole / name).read_text() == (tmp_path / "part" / name).read_text()
 
 
-# Runs the CLI and SIGKILLs itself right after the state that records two batches is on disk,
-# so the kill lands mid-run however fast or slow the machine is.
-KILLED_AFTER_TWO_BATCHES = """
-import os, signal, sys
-import patchsae.classify.run as run
-from patchsae.cli import main
-write_json = run.write_json
-def write_then_die(path, obj):
-    write_json(path, obj)
-    if path.name == "state.json" and obj["batches_done"] == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-run.write_json = write_then_die
-sys.exit(main(sys.argv[1:]))
-"""
+# Dies right after the state recording two batches is written.
+AFTER_TWO_BATCHES = dies_after(
+    "patchsae.classify.run.write_json",
+    'args[0].name == "state.json" and args[1]["batches_done"] == 2',
+)
 
 
 def test_classify_resumes_after_kill_9(world, tmp_path):
@@ -343,7 +335,7 @@ def test_classify_resumes_after_kill_9(world, tmp_path):
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC}
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_TWO_BATCHES, *args], env=env, capture_output=True
+        [sys.executable, "-c", AFTER_TWO_BATCHES, *args], env=env, capture_output=True
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     assert json.loads((out / "state.json").read_text())["batches_done"] == 2

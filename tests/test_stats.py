@@ -28,6 +28,7 @@ from patchsae.stats import (
     label_entropy,
     token_set,
 )
+from run_files import dies_after
 from tiny_stores import make_store
 
 N, T, D, M, K = 37, 7, 6, 24, 4  # images, tokens (CLS + 2x3 patches), d_in, d_sae, top_k
@@ -341,21 +342,14 @@ def test_atlas_queries_from_a_fresh_process_without_the_data(tmp_path: Path) -> 
     assert set(got["low"]) == set(np.flatnonzero((entropy == 0) & (n_refs >= 2)).tolist())
 
 
-# Runs compute_stats and SIGKILLs itself right after the state saved after three batches is on
-# disk, so the kill lands mid-run however fast or slow the machine is.
-KILLED_AFTER_THREE_BATCHES = """
-import os, signal, sys
-import patchsae.stats.compute as compute
-from patchsae.config import load_config
-from patchsae.stats import StatsConfig, compute_stats
-save_state = compute._save_state
-def save_then_die(partial, acc, next_batch):
-    save_state(partial, acc, next_batch)
-    if next_batch == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-compute._save_state = save_then_die
-compute_stats(load_config(StatsConfig, None, sys.argv[1:]))
-"""
+# Dies right after the state saved after three batches is written.
+AFTER_THREE_BATCHES = dies_after(
+    "patchsae.stats.compute._save_state",
+    "args[2] == 3",
+    main="from patchsae.config import load_config\n"
+    "from patchsae.stats import StatsConfig, compute_stats\n"
+    "compute_stats(load_config(StatsConfig, None, sys.argv[1:]))",
+)
 
 
 def test_kill_9_then_rerun_gives_the_same_atlas(tmp_path: Path) -> None:
@@ -386,7 +380,7 @@ def test_kill_9_then_rerun_gives_the_same_atlas(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            KILLED_AFTER_THREE_BATCHES,
+            AFTER_THREE_BATCHES,
             *common,
             f"out={out}",
             "checkpoint_seconds=0",
