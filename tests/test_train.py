@@ -226,6 +226,16 @@ def test_sweep_trains_each_sae_as_if_alone(store: Path, tmp_path: Path) -> None:
         assert len(metrics(out / f"sae-{i:02d}")) == len(metrics(alone))
 
 
+def test_sweep_members_share_one_set_of_work_buffers(store: Path, tmp_path: Path) -> None:
+    """Members step one after another, so one Scratch serves all: a sweep of N SAEs holds one
+    step's buffers, not N."""
+    from patchsae.train.trainer import _build_members
+
+    sweep = [{"l1_coefficient": 0.05}, {"arch": "topk", "k": 4}, {"l1_coefficient": 0.1}]
+    members = _build_members(config(store, tmp_path / "s", sweep=sweep), torch.device("cpu"), 10)
+    assert len({id(m.sae.scratch) for m in members}) == 1
+
+
 def test_resume_refuses_a_different_config(store: Path, tmp_path: Path) -> None:
     train(config(store, tmp_path / "run", total_images=16))
     with pytest.raises(TrainingError, match="already holds"):

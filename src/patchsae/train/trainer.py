@@ -51,6 +51,7 @@ from patchsae.metrics.firing import FiringWindow
 from patchsae.metrics.reconstruction import reconstruction_metrics
 from patchsae.sae.geometric_median import init_b_dec
 from patchsae.sae.io import save
+from patchsae.sae.kernels import Scratch
 from patchsae.sae.registry import make_sae
 from patchsae.train.checkpoint import (
     find_checkpoint,
@@ -114,9 +115,11 @@ def _check_compatible(cfg: TrainConfig, source: BatchSource, world_size: int) ->
 def _build_members(cfg: TrainConfig, device: torch.device, tokens_per_step: int) -> list[Member]:
     out = Path(cfg.out)
     members = []
+    scratch = Scratch()  # the SAEs step one after another: one set of work buffers serves all
     for name, sae_cfg in zip(cfg.member_names(), cfg.sae_configs(), strict=True):
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg).to(device)
+        sae.scratch = scratch
         opt = adam(sae.parameters(), lr=lr_at(cfg, 0), betas=cfg.adam_betas, eps=cfg.adam_eps)
         counters = torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device)
         window = FiringWindow(sae_cfg.d_sae, max(1, cfg.dead_feature_window) * tokens_per_step)
