@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from patchsae.backbones import TokenLayout
+from patchsae.sae.kernels import Scratch
 
 Aggregate = Literal["mean", "max"]
 EMPTY = -1
@@ -95,7 +96,7 @@ class LatentAccumulator:
         self.n_set = len(token_set(layout, include_cls))
         self.segments = _segments(token_set(layout, include_cls))
         self.include_cls = include_cls and layout.cls_index is not None
-        self._scratch = torch.empty(0, d_sae)  # reused: no fresh pages on every batch
+        self._scratch = Scratch()  # the 0/1 masks' buffer: no fresh pages on every batch
         m, k = d_sae, top_k
         i64, f64 = torch.int64, torch.float64
         self.state: dict[str, Tensor] = {
@@ -158,9 +159,6 @@ class LatentAccumulator:
         """
         b, m, device = codes_btm.shape[0], self.d_sae, codes_btm.device
         blocks = self._blocks(b, device)
-        rows = max((i.stop - i.start) * (t.stop - t.start) for i, t in blocks)
-        if self._scratch.shape[0] < 2 * rows or self._scratch.device != device:
-            self._scratch = torch.empty(2 * rows, m, device=device)
         sums = torch.zeros(b, 2, 1, m, device=device)  # per image: [code > 0, code > threshold]
         thresholds = torch.tensor([0.0, self.threshold], dtype=codes_btm.dtype, device=device)
         most_images = max(i.stop - i.start for i, _ in blocks)
@@ -169,7 +167,7 @@ class LatentAccumulator:
         for images, tokens in blocks:
             block = codes_btm[images, tokens]
             n_img, n_tok = block.shape[:2]
-            masks = self._scratch[: 2 * n_img * n_tok].view(n_img, 2, n_tok, m)
+            masks = self._scratch.get("masks", (n_img, 2, n_tok, m), sums)
             torch.gt(block[:, None], thresholds.view(1, 2, 1, 1), out=masks)
             sums[images].view(2 * n_img, 1, m).baddbmm_(
                 ones[: 2 * n_img, :, :n_tok], masks.view(2 * n_img, n_tok, m)
