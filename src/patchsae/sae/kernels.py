@@ -212,7 +212,7 @@ class _ReluTrain(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, m = x_nd.shape[0], W_enc.shape[1]
         x_centred = x_nd - b_dec
-        product = torch.mm(x_centred, W_enc, out=_scratch(scratch, "product", (n, m), x_nd))
+        product = torch.mm(x_centred, W_enc, out=_scratch(scratch, "n_by_m", (n, m), x_nd))
         pre_dead = product.index_select(1, dead_idx) + b_enc[dead_idx]
         sample = product[:: max(1, n // DENSITY_SAMPLE_ROWS)]
         ctx.sparse = density(sample > -b_enc) <= SPARSE_MAX_DENSITY
@@ -280,7 +280,7 @@ class _TopKTrain(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, m = x_nd.shape[0], W_enc.shape[1]
         x_centred = x_nd - b_dec
-        pre = torch.addmm(b_enc, x_centred, W_enc, out=_scratch(scratch, "pre", (n, m), x_nd))
+        pre = torch.addmm(b_enc, x_centred, W_enc, out=_scratch(scratch, "n_by_m", (n, m), x_nd))
         pre_dead = pre.index_select(1, dead_idx)
         values, indices = pre.topk(k, dim=-1, sorted=False)
         acts = torch.relu(values).reshape(-1)
