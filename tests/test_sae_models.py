@@ -323,12 +323,21 @@ def test_topk_sparse_kernels_match_dense_autograd(dtype, tol):
         assert rel_err(ours[name], ref[name]) < tol, name
 
 
+@pytest.fixture(params=[None, 16], ids=["one_latent_block", "latent_blocks_of_16"])
+def latent_block(request, monkeypatch):
+    """Runs a test with the kernels' default latent block (one block at these sizes) and with
+    blocks of 16 latents (many blocks, dead or dense latents in several of them)."""
+    if request.param:
+        monkeypatch.setattr(kernels, "LATENT_BLOCK", request.param)
+
+
 @pytest.mark.parametrize("dense_columns", [0, 3])
-def test_weight_grad_sparse_paths(dense_columns):
+def test_weight_grad_sparse_paths(dense_columns, latent_block):
     torch.manual_seed(1)
     x = torch.randn(64, 16, dtype=torch.float64)
     grad = torch.randn(64, 300, dtype=torch.float64) * (torch.rand(64, 300) < 0.01)
-    grad[:, 7 : 7 + dense_columns] = torch.randn(64, dense_columns, dtype=torch.float64)
+    dense = torch.tensor([7, 150, 299])[:dense_columns]
+    grad[:, dense] = torch.randn(64, dense_columns, dtype=torch.float64)
     assert kernels.density(grad) <= kernels.SPARSE_MAX_DENSITY
     assert rel_err(kernels.weight_grad(x, grad), x.t() @ grad) < 1e-12
 
@@ -357,7 +366,7 @@ def _objective(x_hat, extra, pre_dead, W_dec_dead, seed: int = 3):
 
 @pytest.mark.parametrize("offset", [-2.5, 0.0])
 @pytest.mark.parametrize("n_dead", [0, 9])
-def test_relu_train_matches_dense_autograd(offset, n_dead):
+def test_relu_train_matches_dense_autograd(offset, n_dead, latent_block):
     (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, offset, n_dead)
     x_hat, l1, pre_dead, W_dead, fire_counts = kernels.relu_train(
         x, W_enc, b_enc, b_dec, W_dec, dead_idx
@@ -378,7 +387,7 @@ def test_relu_train_matches_dense_autograd(offset, n_dead):
         assert rel_err(a, b) < 1e-12
 
 
-def test_relu_train_dead_latents_that_fire():
+def test_relu_train_dead_latents_that_fire(latent_block):
     """A dead latent active in this batch gets both its sparse and its ghost gradient."""
     (x, W_enc, b_enc, b_dec, W_dec), _ = _fused_inputs(200, -2.5, 0)
     with torch.no_grad():
@@ -398,7 +407,7 @@ def test_relu_train_dead_latents_that_fire():
 
 
 @pytest.mark.parametrize("n_dead", [0, 9])
-def test_topk_train_matches_dense_autograd(n_dead):
+def test_topk_train_matches_dense_autograd(n_dead, latent_block):
     (x, W_enc, b_enc, b_dec, W_dec), dead_idx = _fused_inputs(200, 0.0, n_dead)
     with torch.no_grad():
         b_enc[:40] -= 5.0  # some tokens keep negative pre-activations among their top k
@@ -468,6 +477,59 @@ def test_add_rows_equals_index_add():
     rows = torch.randn(12, 7, dtype=torch.float64, generator=g)
     want = target.clone().index_add_(0, idx, rows)
     assert torch.equal(kernels.add_rows_(target, idx, rows), want) and torch.equal(target, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("m", [64, 200, 203])
+def test_active_entries_are_nonzeros_in_order(dtype, m):
+    """The runs-of-8 search (m a multiple of 8) and the plain one (203, a transposed view) list
+    exactly ``nonzero``'s entries: values at zero, -0.0, tiny, infinite and NaN, a NaN beside an
+    active entry in the same run, whole rows and runs active or empty."""
+    g = torch.Generator().manual_seed(m)
+    pre = torch.randn(37, m, generator=g).to(dtype) - 2.0
+    pre[3] = 1.0
+    pre[5, :16] = 0.5
+    pre[7, 0:4] = torch.tensor([float("nan"), 2.0, 0.0, -0.0])
+    pre[8, 8:12] = torch.tensor([float("inf"), float("-inf"), 1e-30, -1e-30])
+    pre[9, -1] = float("nan")
+    pre[10, -2] = 3.0
+    for tensor in (pre, pre.t().contiguous().t()):
+        rows, cols, values = kernels.active_entries(tensor)
+        want_rows, want_cols = (pre > 0).nonzero(as_tuple=True)
+        assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+        assert torch.equal(values, pre[want_rows, want_cols])
+    empty = kernels.active_entries(torch.full((4, 64), -1.0, dtype=dtype))
+    assert all(t.numel() == 0 for t in empty)
+
+
+@pytest.mark.parametrize("block", [1, 3, 16, 512])
+def test_latent_sums_dm_equals_brute_force_for_any_block(block):
+    """Column j of ``latent_sums_dm`` is the weighted sum of latent j's rows plus its extra row;
+    blocks of any size (empty latents, empty blocks, extras in unsorted order at the first and
+    last latents) give bit-identical results."""
+    g = torch.Generator().manual_seed(8)
+    n, d, m = 30, 5, 40
+    source = torch.randn(n, d, dtype=torch.float64, generator=g)
+    cols = torch.randint(3, 20, (90,), generator=g)
+    rows = torch.randint(0, n, (90,), generator=g)
+    weights = torch.randn(90, dtype=torch.float64, generator=g)
+    extra_idx = torch.tensor([39, 0, 17, 25])
+    extra_rows = torch.randn(4, d, dtype=torch.float64, generator=g)
+    order = kernels.by_latent_order(cols)
+    offsets = kernels._offsets(cols[order], m)
+    args = (rows[order], source, offsets, weights[order], extra_idx, extra_rows)
+    got = kernels.latent_sums_dm(*args, block=block)
+    want = torch.zeros(d, m, dtype=torch.float64)
+    for r, c, w in zip(rows.tolist(), cols.tolist(), weights.tolist(), strict=True):
+        want[:, c] += w * source[r]
+    want[:, extra_idx] += extra_rows.t()
+    assert got.shape == (d, m) and got.is_contiguous()
+    assert rel_err(got, want) < 1e-14
+    assert torch.equal(got, kernels.latent_sums_dm(*args, block=m))
+    no_entries = kernels.latent_sums_dm(
+        rows[:0], source, torch.zeros(m, dtype=torch.int64), weights[:0], block=block
+    )
+    assert torch.equal(no_entries, torch.zeros(d, m, dtype=torch.float64))
 
 
 def test_kernels_with_nothing_active():

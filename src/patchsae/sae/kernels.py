@@ -29,6 +29,14 @@ with ghost grads) is handled by a small dense GEMM instead."""
 DENSITY_SAMPLE_ROWS = 64
 """Rows of a (n, m) tensor inspected to choose a path (the choice never changes the results)."""
 
+ACTIVE_RUN = 8
+"""On CPU, ``active_entries`` first finds the runs of this many adjacent latents holding an
+active entry, then looks inside those runs only."""
+
+LATENT_BLOCK = 512
+"""On CPU, ``latent_sums_dm`` sums this many latents at a time, so that each block's (block, d)
+sums are transposed into the (d, m) result while they are still in cache."""
+
 
 class Scratch:
     """Work buffers one SAE's training step reuses instead of allocating them every step.
@@ -73,6 +81,79 @@ def by_latent_order(cols: Tensor) -> Tensor:
     twice as fast on CPU.
     """
     return torch.argsort(cols.to(torch.int32), stable=True)
+
+
+def active_entries(pre_nm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row ids, column ids and values (nnz,) of the entries of ``pre_nm`` (n, m) above zero, in
+    row-major order (as ``nonzero`` lists them).
+
+    On CPU a comparison that writes a bool tensor has no vectorised kernel (about three times a
+    float pass over 200 MB) and ``nonzero`` over that tensor is slow too; at trained sparsity
+    most runs of ``ACTIVE_RUN`` adjacent latents hold no active entry, so one vectorised
+    ``max_pool1d`` pass finds the runs that do (a run holding a NaN counts as one) and only their
+    entries are compared. Elsewhere, or when ``m`` is not a multiple of the run, a plain
+    comparison and ``nonzero``.
+    """
+    n, m = pre_nm.shape
+    if pre_nm.device.type != "cpu" or m % ACTIVE_RUN or not pre_nm.is_contiguous():
+        rows, cols = (pre_nm > 0).nonzero(as_tuple=True)
+        return rows, cols, pre_nm[rows, cols]
+    run_max = F.max_pool1d(pre_nm.view(n, 1, m), ACTIVE_RUN).view(-1)
+    run_ids = torch.le(run_max, 0).logical_not_().nonzero().squeeze(1)
+    runs = pre_nm.view(-1, ACTIVE_RUN).index_select(0, run_ids)
+    run_rows, offsets_in_run = (runs > 0).nonzero(as_tuple=True)
+    flat = run_ids[run_rows] * ACTIVE_RUN + offsets_in_run
+    return flat // m, flat % m, runs[run_rows, offsets_in_run]
+
+
+def latent_sums_dm(
+    by_latent: Tensor,
+    source_nd: Tensor,
+    offsets: Tensor,
+    weights: Tensor,
+    extra_idx: Tensor | None = None,
+    extra_rows: Tensor | None = None,
+    block: int | None = None,
+) -> Tensor:
+    """A weight gradient laid out (d, m): column j is the sum of ``weights[i] *
+    source_nd[by_latent[i]]`` over latent j's entries ``offsets[j] <= i < offsets[j + 1]``, plus
+    ``extra_rows[r]`` (k, d) where ``extra_idx[r] == j`` (k,) distinct latents.
+
+    ``by_latent`` and ``weights`` (nnz,) are sorted by latent and ``offsets`` (m,) is where each
+    latent starts. On CPU the latents go ``block`` at a time: each block's sums are made by
+    ``embedding_bag`` and transposed while in cache (one transposed copy of the whole (m, d)
+    tensor, into fresh memory, costs as much as the sums); elsewhere in one block.
+    ``block`` defaults to ``LATENT_BLOCK``.
+    """
+    m, d, nnz = offsets.shape[0], source_nd.shape[1], by_latent.shape[0]
+    block = (block or LATENT_BLOCK) if source_nd.device.type == "cpu" else m
+    starts = list(range(0, m, block))
+    bounds = [0, nnz]
+    if len(starts) > 1:
+        bounds = torch.cat([offsets[::block], offsets.new_tensor([nnz])]).tolist()
+    extra_bounds = [0] * (len(starts) + 1)
+    if extra_idx is not None and len(starts) == 1:
+        extra_bounds = [0, extra_idx.shape[0]]
+    elif extra_idx is not None:
+        extra_idx, order = torch.sort(extra_idx)
+        extra_rows = extra_rows[order]
+        extra_bounds = torch.searchsorted(extra_idx, extra_idx.new_tensor([*starts, m])).tolist()
+    out = source_nd.new_empty(d, m)
+    for i, start in enumerate(starts):
+        first, last = bounds[i], bounds[i + 1]
+        sums = F.embedding_bag(
+            by_latent[first:last],
+            source_nd,
+            offsets[start : start + block] - first,
+            mode="sum",
+            per_sample_weights=weights[first:last],
+        )
+        extra_first, extra_last = extra_bounds[i], extra_bounds[i + 1]
+        if extra_last > extra_first:
+            idx = extra_idx[extra_first:extra_last] - start
+            add_rows_(sums, idx, extra_rows[extra_first:extra_last])
+        out[:, start : start + block].copy_(sums.t())
+    return out
 
 
 def _offsets(sorted_bags: Tensor, n_bags: int) -> Tensor:
@@ -155,14 +236,20 @@ def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tupl
     grad_w_dec = F.embedding_bag(
         by_latent, grad_x_hat, offsets, mode="sum", per_sample_weights=acts[order]
     )
-    grad_w_enc_md = F.embedding_bag(
-        by_latent, x_centred, offsets, mode="sum", per_sample_weights=grad_values[order]
-    )
     grad_b_enc = grad_values.new_zeros(m).index_add_(0, cols, grad_values)
     grad_pre_dead, grad_w_dec_dead = grads_dead
+    dead_rows = None
     if grad_pre_dead is not None:
-        add_rows_(grad_w_enc_md, dead_idx, grad_pre_dead.t() @ x_centred)
+        dead_rows = grad_pre_dead.t() @ x_centred
         grad_b_enc.index_add_(0, dead_idx, grad_pre_dead.sum(0))
+    grad_w_enc = latent_sums_dm(
+        by_latent,
+        x_centred,
+        offsets,
+        grad_values[order],
+        None if dead_rows is None else dead_idx,
+        dead_rows,
+    )
     if grad_w_dec_dead is not None:
         add_rows_(grad_w_dec, dead_idx, grad_w_dec_dead)
     grad_x = None
@@ -174,7 +261,7 @@ def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tupl
         if grad_pre_dead is not None:
             grad_x += grad_pre_dead @ W_enc_md[dead_idx]
     grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc
-    return grad_x, grad_w_enc_md.t().contiguous(), grad_b_enc, grad_b_dec, grad_w_dec
+    return grad_x, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec
 
 
 def _dense_grads(ctx, grad_x_hat: Tensor, grad_l1: Tensor | None, grads_dead: tuple) -> tuple:
@@ -201,10 +288,10 @@ class _ReluTrain(torch.autograd.Function):
     """The ReLU SAE's training forward in one node: encoder, ReLU, decoder, the sum of the codes
     (L1), and the dead latents' pre-activations and decoder rows (ghost grads).
 
-    At code density <= ``SPARSE_MAX_DENSITY`` the (n, m) product ``(x - b_dec) @ W_enc`` is only
-    compared with ``-b_enc`` to find the active entries (no bias or ReLU pass over it); the
-    backward never builds an (n, m) tensor: the pre-activations' gradient is the active entries'
-    values plus the dead columns' block.
+    At code density <= ``SPARSE_MAX_DENSITY`` the pre-activations (the GEMM's output plus
+    ``b_enc``, in place) are only searched for the active entries (``active_entries``; no ReLU
+    or L1 pass over them); the backward never builds an (n, m) tensor: the pre-activations'
+    gradient is the active entries' values plus the dead columns' block.
     """
 
     @staticmethod
@@ -212,20 +299,19 @@ class _ReluTrain(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, m = x_nd.shape[0], W_enc.shape[1]
         x_centred = x_nd - b_dec
-        product = torch.mm(x_centred, W_enc, out=_scratch(scratch, "n_by_m", (n, m), x_nd))
-        pre_dead = product.index_select(1, dead_idx) + b_enc[dead_idx]
-        sample = product[:: max(1, n // DENSITY_SAMPLE_ROWS)]
-        ctx.sparse = density(sample > -b_enc) <= SPARSE_MAX_DENSITY
+        pre = torch.mm(x_centred, W_enc, out=_scratch(scratch, "n_by_m", (n, m), x_nd))
+        pre.add_(b_enc)
+        pre_dead = pre.index_select(1, dead_idx)
+        sample = pre[:: max(1, n // DENSITY_SAMPLE_ROWS)]
+        ctx.sparse = density(sample > 0) <= SPARSE_MAX_DENSITY
         if ctx.sparse:
-            active = _scratch(scratch, "active", (n, m), x_nd, torch.bool)
-            rows, cols = torch.gt(product, -b_enc, out=active).nonzero(as_tuple=True)
-            acts = product[rows, cols] + b_enc[cols]
+            rows, cols, acts = active_entries(pre)
             x_hat = decode_entries(rows, cols, acts, W_dec, n) + b_dec
             fire_counts = torch.bincount(cols, minlength=m)
             l1 = acts.sum()
             ctx.save_for_backward(x_centred, W_enc, W_dec, rows, cols, acts, dead_idx)
         else:
-            codes = torch.add(product, b_enc).relu_()
+            codes = torch.relu(pre)
             x_hat = torch.addmm(b_dec, codes, W_dec)
             fire_counts = dense_fire_counts(codes)
             l1 = codes.sum()
@@ -340,13 +426,15 @@ def weight_grad(x_nd: Tensor, grad_nm: Tensor) -> Tensor:
         keep = col_counts[cols] <= DENSE_COLUMN_DENSITY * n
         rows, cols, values = rows[keep], cols[keep], values[keep]
     order = by_latent_order(cols)
-    cols = cols[order]
-    grad_md = F.embedding_bag(
-        rows[order], x_nd, _offsets(cols, m), mode="sum", per_sample_weights=values[order]
+    dense_rows = grad_nm[:, dense_cols].t() @ x_nd if dense_cols.numel() > 0 else None
+    return latent_sums_dm(
+        rows[order],
+        x_nd,
+        _offsets(cols[order], m),
+        values[order],
+        None if dense_rows is None else dense_cols,
+        dense_rows,
     )
-    if dense_cols.numel() > 0:
-        grad_md[dense_cols] = grad_nm[:, dense_cols].t() @ x_nd
-    return grad_md.t().contiguous()
 
 
 class _Encode(torch.autograd.Function):
