@@ -479,7 +479,7 @@ def test_add_rows_equals_index_add():
     assert torch.equal(kernels.add_rows_(target, idx, rows), want) and torch.equal(target, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [64, 200, 203])
 def test_active_entries_are_nonzeros_in_order(dtype, m):
     """The runs-of-8 search (m a multiple of 8) and the plain one (203, a transposed view) list
