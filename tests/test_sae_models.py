@@ -517,7 +517,7 @@ def test_latent_sums_dm_equals_brute_force_for_any_block(block):
     extra_rows = torch.randn(4, d, dtype=torch.float64, generator=g)
     order = kernels.by_latent_order(cols)
     offsets = kernels._offsets(cols[order], m)
-    args = (rows[order], source, offsets, weights[order], extra_idx, extra_rows)
+    args = (rows[order], source, offsets, weights[order], (extra_idx, extra_rows))
     got = kernels.latent_sums_dm(*args, block=block)
     want = torch.zeros(d, m, dtype=torch.float64)
     for r, c, w in zip(rows.tolist(), cols.tolist(), weights.tolist(), strict=True):

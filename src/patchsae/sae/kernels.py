@@ -111,13 +111,13 @@ def latent_sums_dm(
     source_nd: Tensor,
     offsets: Tensor,
     weights: Tensor,
-    extra_idx: Tensor | None = None,
-    extra_rows: Tensor | None = None,
+    extra: tuple[Tensor, Tensor] | None = None,
     block: int | None = None,
 ) -> Tensor:
     """A weight gradient laid out (d, m): column j is the sum of ``weights[i] *
-    source_nd[by_latent[i]]`` over latent j's entries ``offsets[j] <= i < offsets[j + 1]``, plus
-    ``extra_rows[r]`` (k, d) where ``extra_idx[r] == j`` (k,) distinct latents.
+    source_nd[by_latent[i]]`` over latent j's entries ``offsets[j] <= i < offsets[j + 1]``, plus,
+    for ``extra = (extra_idx, extra_rows)``, ``extra_rows[r]`` (k, d) where ``extra_idx[r] == j``
+    (k,) distinct latents.
 
     ``by_latent`` and ``weights`` (nnz,) are sorted by latent and ``offsets`` (m,) is where each
     latent starts. On CPU the latents go ``block`` at a time: each block's sums are made by
@@ -131,6 +131,7 @@ def latent_sums_dm(
     bounds = [0, nnz]
     if len(starts) > 1:
         bounds = torch.cat([offsets[::block], offsets.new_tensor([nnz])]).tolist()
+    extra_idx, extra_rows = extra if extra is not None else (None, None)
     extra_bounds = [0] * (len(starts) + 1)
     if extra_idx is not None and len(starts) == 1:
         extra_bounds = [0, extra_idx.shape[0]]
@@ -238,18 +239,11 @@ def _sparse_grads(ctx, grad_x_hat: Tensor, grad_values: Tensor, grads_dead: tupl
     )
     grad_b_enc = grad_values.new_zeros(m).index_add_(0, cols, grad_values)
     grad_pre_dead, grad_w_dec_dead = grads_dead
-    dead_rows = None
+    dead = None
     if grad_pre_dead is not None:
-        dead_rows = grad_pre_dead.t() @ x_centred
+        dead = (dead_idx, grad_pre_dead.t() @ x_centred)
         grad_b_enc.index_add_(0, dead_idx, grad_pre_dead.sum(0))
-    grad_w_enc = latent_sums_dm(
-        by_latent,
-        x_centred,
-        offsets,
-        grad_values[order],
-        None if dead_rows is None else dead_idx,
-        dead_rows,
-    )
+    grad_w_enc = latent_sums_dm(by_latent, x_centred, offsets, grad_values[order], dead)
     if grad_w_dec_dead is not None:
         add_rows_(grad_w_dec, dead_idx, grad_w_dec_dead)
     grad_x = None
@@ -422,19 +416,13 @@ def weight_grad(x_nd: Tensor, grad_nm: Tensor) -> Tensor:
     values = grad_nm[rows, cols]
     col_counts = torch.bincount(cols, minlength=m)
     dense_cols = (col_counts > DENSE_COLUMN_DENSITY * n).nonzero().squeeze(1)
+    dense = None
     if dense_cols.numel() > 0:
         keep = col_counts[cols] <= DENSE_COLUMN_DENSITY * n
         rows, cols, values = rows[keep], cols[keep], values[keep]
+        dense = (dense_cols, grad_nm[:, dense_cols].t() @ x_nd)
     order = by_latent_order(cols)
-    dense_rows = grad_nm[:, dense_cols].t() @ x_nd if dense_cols.numel() > 0 else None
-    return latent_sums_dm(
-        rows[order],
-        x_nd,
-        _offsets(cols[order], m),
-        values[order],
-        None if dense_rows is None else dense_cols,
-        dense_rows,
-    )
+    return latent_sums_dm(rows[order], x_nd, _offsets(cols[order], m), values[order], dense)
 
 
 class _Encode(torch.autograd.Function):
